@@ -1,0 +1,85 @@
+"""Per-step metrics: a console line, <dump_folder>/metrics.jsonl, and TensorBoard (torchtitan's writer)."""
+
+import json
+import os
+import resource
+import time
+
+import torch
+from torchtitan.components.metrics import TensorBoardLogger
+from torchtitan.tools.utils import get_peak_flops
+
+H100_BF16_DENSE_FLOPS = 989.4e12  # the MFU denominator of DESIGN.md
+
+
+def peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak of the device; 0 where unknown (CPU), which reports mfu = 0."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return H100_BF16_DENSE_FLOPS if ("H100" in name or "H200" in name) else get_peak_flops(name)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """Only rank 0 writes. `log` takes the step's numbers and derives throughput, MFU and memory."""
+
+    def __init__(self, job_config, device: torch.device, flops_per_token: int, total_steps: int, rank: int):
+        self.device, self.flops_per_token, self.total_steps = device, flops_per_token, total_steps
+        self.enabled = rank == 0
+        self.peak = peak_flops(device)
+        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.start = self.last = time.perf_counter()
+        self.first_step = self.last_step = None
+        self.jsonl = self.tensorboard = None
+        if self.enabled:
+            folder = job_config.job.dump_folder
+            os.makedirs(folder, exist_ok=True)
+            self.jsonl = open(os.path.join(folder, "metrics.jsonl"), "a")
+            if job_config.metrics.enable_tensorboard:
+                self.tensorboard = TensorBoardLogger(os.path.join(folder, job_config.metrics.save_tb_folder))
+
+    def log(self, step: int, loss: float, grad_norm: float, lr: float, tokens_per_step: int, **extra) -> dict:
+        """tokens_per_step: tokens the whole job (all dp ranks) processes per step, padding included."""
+        now = time.perf_counter()
+        if self.last_step is None:  # first log: time since the loop began
+            self.first_step = self.last_step = step - 1
+        elapsed, self.last = now - self.last, now
+        tokens_per_s = tokens_per_step * (step - self.last_step) / elapsed
+        self.last_step = step
+        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12  # per device
+        record = {
+            "step": step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.world_size,
+            "tflops": tflops,
+            "mfu": tflops * 1e12 / self.peak if self.peak else 0.0,
+            "memory_gib": peak_memory_gib(self.device),
+            **extra,
+        }
+        if self.enabled:
+            eta = (now - self.start) / (step - self.first_step) * (self.total_steps - step)
+            print(
+                f"step {step:>5}/{self.total_steps}  loss {loss:8.4f}  grad_norm {grad_norm:8.4f}  lr {lr:.2e}  "
+                f"tok/s {tokens_per_s:9.0f}  mfu {record['mfu']:6.2%}  mem {record['memory_gib']:6.2f} GiB  eta {eta:5.0f}s",
+                flush=True,
+            )
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            if self.tensorboard is not None:
+                self.tensorboard.log({k: v for k, v in record.items() if k != "step"}, step)
+        return record
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

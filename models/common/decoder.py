@@ -1,0 +1,86 @@
+"""The one Qwen decoder: Qwen2 and Qwen3 are this module with different DecoderArgs flags."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common.args import DecoderArgs
+from models.common.attention import Attention, AttentionMask, build_attention_mask
+from models.common.rope import rope_cos_sin
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020, arXiv:2002.05202)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate_proj
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up_proj
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down_proj
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: DecoderArgs):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x, rope, mask: AttentionMask):
+        h = x + self.attention(self.attention_norm(x), rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Decoder(nn.Module):
+    """tokens [B, T_local] -> logits [B, T_local, vocab], or whatever `head` makes of the hidden states.
+
+    A recipe passes `head(h, output)` (e.g. the chunked loss of models/common/loss.py) so the
+    [T, vocab] logits never exist at once. The head runs inside forward on purpose: under FSDP the
+    root group (embedding, norm, output) is unsharded only for the duration of forward/backward."""
+
+    def __init__(self, args: DecoderArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keyed by layer index keeps checkpoint names stable when blocks are wrapped.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens, position_ids=None, document_ids: torch.Tensor | None = None, head=None):
+        """position_ids: [B, T_local] global per-document positions of the local tokens.
+        document_ids: [B, T] over the FULL sequence (global even under context parallel)."""
+        if position_ids is None:
+            position_ids = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
+        # clone(): a compiled block whose first op is a sequence-parallel norm, fed the local view
+        # of a RowwiseParallel embedding output, gets a wrong embedding gradient (DESIGN.md traps).
+        h = self.tok_embeddings(tokens).clone()
+        rope = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype)
+        mask = build_attention_mask(document_ids)
+        for layer in self.layers.values():
+            h = layer(h, rope, mask)
+        h = self.norm(h)
+        return head(h, self.output) if head is not None else self.output(h)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Initialize parameters in place (after `to_empty` from the meta device; works on DTensors).
+        Output projections of residual branches are scaled down by depth (GPT-2, Radford et al. 2019)."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = math.sqrt(2 * self.args.n_layers) if name.endswith(("wo", "w2")) else 1.0
+                nn.init.trunc_normal_(module.weight, std=std / scale, a=-3 * std, b=3 * std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)

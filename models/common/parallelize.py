@@ -1,0 +1,34 @@
+"""The order in which parallelisms wrap a decoder; each family passes its own TP layer plan."""
+
+import torch
+from torch import nn
+
+from parallelisms.activation_checkpoint import apply_ac
+from parallelisms.compile import apply_compile
+from parallelisms.fsdp import apply_fsdp
+from parallelisms.parallel_dims import ParallelDims
+from parallelisms.tensor_parallel import apply_tp
+
+
+def parallelize_decoder(model: nn.Module, parallel_dims: ParallelDims, job_config, layer_plan: dict) -> nn.Module:
+    # TP first: it swaps parameters for DTensors that every later wrapper must see.
+    if parallel_dims.tp > 1:
+        loss_parallel = not job_config.parallelism.disable_loss_parallel
+        apply_tp(model, parallel_dims.mesh("tp"), layer_plan, loss_parallel)
+    # CP changes no parameter: attention only needs the group its all-to-alls run over.
+    if parallel_dims.cp > 1:
+        cp_group = parallel_dims.mesh("cp").get_group()
+        for block in model.layers.values():
+            block.attention.cp_group = cp_group
+    # Compile before checkpoint-wrapping: the other order fails under TP (DESIGN.md traps).
+    if job_config.compile.enable:
+        apply_compile(model)
+    ac = job_config.activation_checkpoint
+    apply_ac(model, ac.mode, ac.selective_ac_option)
+    # FSDP last, over whatever wrappers the blocks now wear; dp and cp ranks shard the weights.
+    if parallel_dims.fsdp_enabled or torch.cuda.is_available():
+        param_dtype = torch.bfloat16 if job_config.training.mixed_precision_param == "bfloat16" else torch.float32
+        if not torch.cuda.is_available():
+            param_dtype = torch.float32  # CPU runs are the fp32 reference
+        apply_fsdp(model, parallel_dims.fsdp_mesh(), param_dtype)
+    return model

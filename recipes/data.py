@@ -1,0 +1,173 @@
+"""Documents from local files, an HF tokenizer.json, and packing into fixed-length rows.
+
+A packed row carries everything a step needs, computed here once on the data side:
+  input_ids    [T]  tokens of several documents back to back (EOS closes each document)
+  labels       [T]  next token WITHIN the document, shifted on the full row before any sharding;
+                    a document's last position and padding get IGNORE_INDEX
+  position_ids [T]  restart at 0 at every document start (RoPE positions)
+  document_ids [T]  which document a token belongs to (the attention mask; padding is its own)
+"""
+
+import json
+import os
+
+import torch
+from tokenizers import Tokenizer
+
+from models.common.loss import IGNORE_INDEX
+
+_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Unreadable or missing data/tokenizer; the message is one line naming the path."""
+
+
+def load_documents(path: str, fmt: str = "auto", text_field: str = "text"):
+    """A `datasets.Dataset` of documents from a local file or folder (no network)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+    if not path or not os.path.exists(path):
+        raise DataError(f"training.dataset_path={path!r} does not exist; point it at a local text/jsonl/parquet file or folder")
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
+    if fmt == "auto":
+        kinds = {_FORMATS.get(os.path.splitext(f)[1]) for f in files}
+        if len(kinds) != 1 or None in kinds:
+            raise DataError(f"cannot tell the format of {path!r} from extensions {sorted({os.path.splitext(f)[1] for f in files})}; set training.dataset to text, json or parquet")
+        fmt = kinds.pop()
+    try:
+        ds = datasets.load_dataset(fmt, data_files=files, split="train")
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DataError(f"could not read {path!r} as {fmt}: {' '.join(str(e).split())[:200]}") from None
+    if text_field not in ds.column_names:
+        raise DataError(f"{path!r} has no column {text_field!r} (columns: {ds.column_names}); set recipe.text_field")
+    return ds
+
+
+class HFTokenizer:
+    """tokenizer.json through `tokenizers`; EOS from tokenizer_config.json."""
+
+    def __init__(self, assets_path: str):
+        path = os.path.join(assets_path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise DataError(f"no tokenizer.json in model.hf_assets_path={assets_path!r}; point it at an HF tokenizer folder")
+        self.tokenizer = Tokenizer.from_file(path)
+        config_path = os.path.join(assets_path, "tokenizer_config.json")
+        config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+        eos = config.get("eos_token") or "<|endoftext|>"
+        eos = eos["content"] if isinstance(eos, dict) else eos
+        self.eos_id = self.tokenizer.token_to_id(eos)
+        if self.eos_id is None:
+            raise DataError(f"EOS token {eos!r} is not in {path}")
+        self.vocab_size = self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def token_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise DataError(f"token {token!r} is not in the tokenizer's vocabulary")
+        return token_id
+
+
+def pack_row(segments: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Lay (tokens, labels) segments end to end into one row of seq_len, padding the rest.
+    Each segment's labels are already shifted within the segment."""
+    tokens, labels, positions, docs = [], [], [], []
+    for doc, (seg_tokens, seg_labels) in enumerate(segments):
+        tokens += seg_tokens
+        labels += seg_labels
+        positions += range(len(seg_tokens))
+        docs += [doc] * len(seg_tokens)
+    pad = seq_len - len(tokens)
+    tokens += [pad_id] * pad
+    labels += [IGNORE_INDEX] * pad
+    positions += range(pad)
+    docs += [len(segments)] * pad  # padding attends only to padding: no row is fully masked
+    return {
+        "input_ids": torch.tensor(tokens),
+        "labels": torch.tensor(labels),
+        "position_ids": torch.tensor(positions),
+        "document_ids": torch.tensor(docs),
+    }
+
+
+def next_token_labels(tokens: list[int]) -> list[int]:
+    """Shift within the document: the last token predicts nothing across the boundary."""
+    return tokens[1:] + [IGNORE_INDEX]
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+class PackedStream:
+    """Endless packed rows over `documents`, epoch after epoch; its state resumes it exactly.
+
+    A document longer than the room left in a row continues at the start of the next row (its
+    labels still point at its own next tokens; its positions restart)."""
+
+    def __init__(self, documents, encode, seq_len: int, padded_len: int, pad_id: int):
+        if len(documents) == 0:
+            raise DataError("the dataset has no documents")
+        self.documents, self.encode = documents, encode
+        self.seq_len, self.padded_len, self.pad_id = seq_len, padded_len, pad_id
+        self.doc_index = 0  # documents consumed so far, over all epochs
+        self.carry: tuple[list[int], list[int]] | None = None
+
+    def next_row(self) -> dict[str, torch.Tensor]:
+        segments, used = [], 0
+        while used < self.seq_len:
+            if self.carry is not None:
+                tokens, labels = self.carry
+                self.carry = None
+            else:
+                tokens, labels = self.encode(self.documents[self.doc_index % len(self.documents)])
+                self.doc_index += 1
+            room = self.seq_len - used
+            if len(tokens) > room:
+                tokens, labels, self.carry = tokens[:room], labels[:room], (tokens[room:], labels[room:])
+            if tokens:
+                segments.append((tokens, labels))
+                used += len(tokens)
+        return pack_row(segments, self.padded_len, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"doc_index": self.doc_index, "carry": self.carry}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.doc_index, self.carry = state["doc_index"], state["carry"]
+
+
+class StepLoader:
+    """Per step, this rank's micro-batches of the global batch.
+
+    Every rank packs the same global stream and keeps its own rows, so the global batch (and
+    therefore the loss and gradients) is identical under any dp/cp/tp layout; cp and tp ranks
+    get the same rows and shard them later. Micro-batch m of dp rank r holds rows
+    [(m*dp + r)*b, (m*dp + r + 1)*b) of the step's global batch."""
+
+    def __init__(self, stream: PackedStream, local_batch_size: int, global_batch_size: int, dp: int, dp_rank: int):
+        if global_batch_size % (local_batch_size * dp):
+            raise DataError(
+                f"global_batch_size={global_batch_size} is not a multiple of local_batch_size*dp = "
+                f"{local_batch_size}*{dp}; gradient accumulation needs whole micro-batches"
+            )
+        self.stream, self.local_batch_size, self.global_batch_size = stream, local_batch_size, global_batch_size
+        self.dp, self.dp_rank = dp, dp_rank
+        self.grad_accum_steps = global_batch_size // (local_batch_size * dp)
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        rows = [self.stream.next_row() for _ in range(self.global_batch_size)]
+        b = self.local_batch_size
+        starts = [(m * self.dp + self.dp_rank) * b for m in range(self.grad_accum_steps)]
+        return [collate(rows[s : s + b]) for s in starts]
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
