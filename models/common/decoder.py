@@ -70,6 +70,15 @@ class Decoder(nn.Module):
         h = self.norm(h)
         return head(h, self.output) if head is not None else self.output(h)
 
+    def to_empty(self, *, device, recurse: bool = True):
+        super().to_empty(device=device, recurse=recurse)
+        # Moving plain tensors off the meta device makes a new Parameter per module, which unties
+        # the embedding and the output projection; DTensor parameters (TP/FSDP) are swapped in
+        # place and stay tied.
+        if self.args.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
         """Initialize parameters in place (after `to_empty` from the meta device; works on DTensors).

@@ -47,10 +47,11 @@ def chunked_cross_entropy_sum(h, output: nn.Module, labels, chunk_size: int = 40
     A sum, not a mean: the caller divides by the GLOBAL count of valid tokens, so shards whose
     labels are all ignored contribute 0 instead of NaN, and every parallel layout gets the same
     gradient as one process."""
-    total = h.new_zeros((), dtype=torch.float32)
-    for h_chunk, label_chunk in _chunks(h, labels, chunk_size):
-        total = total + checkpoint(_chunk_loss_sum, output, h_chunk, label_chunk, use_reentrant=False)
-    return total
+    sums = [
+        checkpoint(_chunk_loss_sum, output, h_chunk, label_chunk, use_reentrant=False)
+        for h_chunk, label_chunk in _chunks(h, labels, chunk_size)
+    ]
+    return _plain(torch.stack(sums).sum())
 
 
 def chunked_token_logprobs(h, output: nn.Module, labels, chunk_size: int = 4096) -> torch.Tensor:
@@ -59,4 +60,9 @@ def chunked_token_logprobs(h, output: nn.Module, labels, chunk_size: int = 4096)
         checkpoint(_chunk_token_logprobs, output, h_chunk, label_chunk, use_reentrant=False)
         for h_chunk, label_chunk in _chunks(h, labels, chunk_size)
     ]
-    return torch.cat(parts, dim=1)
+    return _plain(torch.cat(parts, dim=1))
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    # Loss parallel leaves a replicated DTensor; callers all-reduce plain tensors over dp/cp.
+    return t.full_tensor() if isinstance(t, DTensor) else t
