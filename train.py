@@ -121,15 +121,9 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-def main(argv: list[str]) -> None:
-    job_config = parse_config(argv)
-    try:
-        spec, model_args, parallel_dims, recipe = validate(job_config)
-    except ValueError as e:  # ParallelDims / ModelSpec / DecoderArgs refusals
-        raise ConfigError(str(e)) from None
-    device = init_distributed(job_config)
-    if job_config.debug.deterministic:
-        torch.use_deterministic_algorithms(True)
+def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, recipe, device):
+    """Build model, optimizer, schedule and data; run the loop. Returns (model, logged records).
+    Needs an initialized process group; leaves it alive (tests run several layouts in one group)."""
     log(f"{spec.name} {job_config.model.flavor}: {model_args.num_params() / 1e6:.1f}M params; "
         f"dp_replicate={parallel_dims.dp_replicate} dp_shard={parallel_dims.dp_shard} cp={parallel_dims.cp} tp={parallel_dims.tp}")
     model = build_model(spec, model_args, parallel_dims, job_config, device)
@@ -143,16 +137,32 @@ def main(argv: list[str]) -> None:
     loader = StepLoader(recipe.build_stream(padded_len), training.local_batch_size, global_batch,
                         parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank())
     metrics = MetricsLogger(job_config, device, model_args.flops_per_token(padded_len), training.steps, dist.get_rank())
+    records = []
     try:
         for step in range(1, training.steps + 1):
             loss, grad_norm, n_tokens = train_step(
                 model, recipe, loader.next_step(), parallel_dims, optimizers, lr_schedulers, job_config, device
             )
             if step % job_config.metrics.log_freq == 0 or step in (1, training.steps):
-                metrics.log(step, loss, grad_norm, lr_schedulers.schedulers[0].get_last_lr()[0],
-                            global_batch * padded_len, valid_tokens=n_tokens)
+                records.append(metrics.log(step, loss, grad_norm, lr_schedulers.schedulers[0].get_last_lr()[0],
+                                           global_batch * padded_len, valid_tokens=n_tokens))
     finally:
         metrics.close()
+    return model, records
+
+
+def main(argv: list[str]) -> None:
+    job_config = parse_config(argv)
+    try:
+        spec, model_args, parallel_dims, recipe = validate(job_config)
+    except ValueError as e:  # ParallelDims / ModelSpec / DecoderArgs refusals
+        raise ConfigError(str(e)) from None
+    device = init_distributed(job_config)
+    if job_config.debug.deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        train(job_config, spec, model_args, parallel_dims, recipe, device)
+    finally:
         dist.destroy_process_group()
 
 
