@@ -1,9 +1,11 @@
 """torch.compile per transformer block: blocks are identical, so one compiled graph is reused."""
 
-import torch
 from torch import nn
 
 
-def apply_compile(model: nn.Module) -> None:
-    for name, block in model.layers.named_children():
-        model.layers.register_module(name, torch.compile(block, fullgraph=True))
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    # Module.compile() compiles in place instead of wrapping in an OptimizedModule: parameter
+    # names gain no `_orig_mod.`, which torch's DCP state-dict helpers do not strip beneath a
+    # checkpoint wrapper (loading a compiled + checkpointed model failed on missing keys).
+    for block in model.layers.values():
+        block.compile(backend=backend, fullgraph=True)

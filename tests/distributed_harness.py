@@ -1,0 +1,50 @@
+"""Run a function on N CPU ranks (gloo) in fresh processes and return rank 0's result.
+
+One process group serves every case passed to it, so an N-rank test pays process start-up and
+import time once. A short gloo timeout makes a failure on one rank fail the test instead of
+hanging CI for gloo's default 30 minutes."""
+
+import os
+import pickle
+import socket
+import tempfile
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT = timedelta(seconds=90)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_path: str, fn, args) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            with open(out_path, "wb") as f:
+                pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(world_size: int, fn, *args):
+    """fn(*args) on every rank; fn must be a module-level function (it is pickled by name)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "result.pkl")
+        mp.start_processes(
+            _worker, args=(world_size, _free_port(), out_path, fn, args), nprocs=world_size, start_method="spawn"
+        )
+        with open(out_path, "rb") as f:
+            return pickle.load(f)
