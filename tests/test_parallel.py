@@ -34,11 +34,12 @@ def hf_dir(tmp_path_factory):
 
 def overrides(hf_dir: str, dump: str, layout: dict, extra=()) -> list[str]:
     dp = layout.get("dp_replicate", 1) * layout.get("dp_shard", 1)
+    local_batch = layout.get("local_batch", GLOBAL_BATCH // dp)
     args = [
         "--job.config_file", "train_configs/debug.toml", "--job.dump_folder", dump,
         "--model.flavor", hf_dir, "--checkpoint.initial_load_path", hf_dir, "--checkpoint.initial_load_in_hf",
         "--training.seq_len", "128", "--training.steps", "3",
-        "--training.global_batch_size", str(GLOBAL_BATCH), "--training.local_batch_size", str(GLOBAL_BATCH // dp),
+        "--training.global_batch_size", str(GLOBAL_BATCH), "--training.local_batch_size", str(local_batch),
         "--lr_scheduler.warmup_steps", "1", "--optimizer.lr", "1e-3", "--metrics.log_freq", "1",
         "--metrics.no-enable-tensorboard", "--comm.init_timeout_seconds", "90",
         "--parallelism.data_parallel_replicate_degree", str(layout.get("dp_replicate", 1)),
@@ -94,7 +95,8 @@ def reference(hf_dir, tmp_path_factory):
 
 
 LAYOUTS = {
-    2: {"dp2": {"dp_shard": 2}, "tp2": {"tp": 2}, "cp2": {"cp": 2}},
+    # dp2 with micro-batches of 1 row: gradient accumulation over 2 micro-batches must stay exact.
+    2: {"dp2+accum2": {"dp_shard": 2, "local_batch": 1}, "tp2": {"tp": 2}, "cp2": {"cp": 2}},
     # cp4 with 2 kv heads: kv heads are replicated up to cp before the exchange.
     4: {"dp2xcp2": {"dp_shard": 2, "cp": 2}, "tp2xcp2": {"tp": 2, "cp": 2},
         "hsdp2x2": {"dp_replicate": 2, "dp_shard": 2}, "cp4": {"cp": 4}},
