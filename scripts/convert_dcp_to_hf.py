@@ -1,0 +1,62 @@
+"""A DCP checkpoint (saved under any parallel layout) -> a Hugging Face model folder.
+
+    python scripts/convert_dcp_to_hf.py DCP_DIR HF_DIR --job.config_file CONFIG [--dtype bf16|fp32]
+    python scripts/convert_dcp_to_hf.py outputs/debug/checkpoint out/hf --job.config_file train_configs/debug.toml
+
+DCP_DIR is a step-N folder of a training run, a model-only checkpoint (convert_hf_to_dcp.py), or
+a run's checkpoint folder (its latest complete step). The model is the job config's model.name and
+model.flavor; further --section.key arguments override it as for train.py. HF_DIR gets sharded
+safetensors + model.safetensors.index.json + config.json + generation_config.json, and the
+tokenizer files of model.hf_assets_path; transformers.AutoModelForCausalLM.from_pretrained opens it.
+The dtype defaults to checkpoint.export_dtype; file size is bounded by checkpoint.export_max_shard_gb.
+"""
+
+import argparse
+import os
+import sys
+
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+from components.checkpoint import CheckpointError, resolve_dcp_path  # noqa: E402
+from components.config import parse_config  # noqa: E402
+from components.hf_export import export_hf  # noqa: E402
+from scripts.convert_hf_to_dcp import build_single_layout_model  # noqa: E402
+
+
+def convert(dcp_dir: str, hf_dir: str, config_args: list[str], dtype: str | None) -> None:
+    if os.path.exists(hf_dir):
+        raise CheckpointError(f"{hf_dir} already exists; remove it or choose another output folder")
+    job_config = parse_config(config_args)
+    ckpt = job_config.checkpoint
+    ckpt.enable, ckpt.initial_load_path, ckpt.initial_load_in_hf = False, resolve_dcp_path(dcp_dir), False
+    try:
+        spec, model_args, model = build_single_layout_model(job_config)
+        export_hf(model, spec, model_args, hf_dir, dtype or ckpt.export_dtype, job_config.model.hf_assets_path,
+                  ckpt.export_max_shard_gb)
+        if dist.get_rank() == 0:
+            print(f"wrote {hf_dir}", flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Other --section.key VALUE arguments override the job config.")
+    parser.add_argument("dcp_dir", metavar="DCP_DIR", help="DCP step folder, or a checkpoint folder of step-N")
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="output folder; must not exist yet")
+    parser.add_argument("--job.config_file", dest="config_file", metavar="CONFIG", required=True,
+                        help="the training job's TOML (model.name, model.flavor, model.hf_assets_path)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: checkpoint.export_dtype")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        convert(args.dcp_dir, args.hf_dir, ["--job.config_file", args.config_file, *overrides], args.dtype)
+    except ValueError as e:  # CheckpointError, ConfigError and the model's own refusals: one line each
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
