@@ -3,7 +3,8 @@
     python scripts/make_debug_assets.py
 
 A synthetic corpus with learnable structure (templated sentences, small arithmetic) and a byte-level
-BPE tokenizer trained on it, with Qwen's special tokens. Nothing is downloaded."""
+BPE tokenizer trained on it, with Qwen's special tokens; chat records for the SFT recipe
+(sft.jsonl) and scored rollouts for the policy recipe (rollouts.jsonl). Nothing is downloaded."""
 
 import json
 import os
@@ -49,6 +50,56 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def chat_turn(rng: random.Random) -> tuple[str, str]:
+    """(user question, correct assistant answer) over the corpus' own vocabulary."""
+    kind = rng.random()
+    if kind < 0.5:
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        return f"what is {a} plus {b} ?", f"{a} plus {b} is {a + b} ."
+    if kind < 0.75:
+        start, n = rng.randint(0, 50), rng.randint(2, 6)
+        return f"count from {start} to {start + n - 1} .", "count : " + " ".join(str(start + i) for i in range(n)) + " ."
+    noun = rng.choice(NOUNS)
+    return f"what does the {noun} do ?", f"the {noun} {rng.choice(VERBS)} the {rng.choice(NOUNS)} {rng.choice(PLACES)} ."
+
+
+def make_sft_records(n_records: int, seed: int = 1) -> list[dict]:
+    """Chat records: an optional system turn, then one to three user/assistant exchanges."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n_records):
+        messages = [{"role": "system", "content": "answer in one short sentence ."}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            question, answer = chat_turn(rng)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        records.append({"messages": messages})
+    return records
+
+
+def make_rollouts(n_prompts: int, group_size: int = 4, seed: int = 2) -> list[dict]:
+    """GRPO-style groups: several sampled answers per arithmetic prompt, reward 1 if right, and
+    advantage = reward - the group's mean reward. Text fields; the policy recipe tokenizes them."""
+    rng = random.Random(seed)
+    rollouts = []
+    for _ in range(n_prompts):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        prompt = f"<|im_start|>user\nwhat is {a} plus {b} ?<|im_end|>\n<|im_start|>assistant\n"
+        answers = [a + b if rng.random() < 0.5 else a + b + rng.choice([-2, -1, 1, 2]) for _ in range(group_size)]
+        rewards = [float(x == a + b) for x in answers]
+        mean = sum(rewards) / group_size
+        for answer, reward in zip(answers, rewards):
+            # Short and long answers: responses of unequal length, as sampled ones are.
+            response = f"{a} plus {b} is {answer} .<|im_end|>" if rng.random() < 0.5 else f"{answer} .<|im_end|>"
+            rollouts.append({"prompt": prompt, "response": response, "reward": reward, "advantage": reward - mean})
+    return rollouts
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
 def main(out_dir: str = "assets/debug", n_docs: int = 2000, vocab_size: int = 2048) -> None:
     os.makedirs(out_dir, exist_ok=True)
     texts = make_corpus(n_docs)
@@ -58,6 +109,8 @@ def main(out_dir: str = "assets/debug", n_docs: int = 2000, vocab_size: int = 20
     train_tokenizer(texts, vocab_size).save(os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 4096}, f, indent=2)
+    write_jsonl(os.path.join(out_dir, "sft.jsonl"), make_sft_records(500))
+    write_jsonl(os.path.join(out_dir, "rollouts.jsonl"), make_rollouts(128))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""Offline policy training: a clipped policy-gradient loss (PPO/GRPO style) on rollouts from a file.
+
+A rollout is one JSON line:
+    {"prompt_ids": [...], "response_ids": [...], "advantage": float, "old_logprobs": [...]}
+("prompt"/"response" text instead of ids when model.hf_assets_path holds a tokenizer;
+old_logprobs is optional: one per response token, from the sampler or scripts/compute_logprobs.py).
+
+Per response token, with ratio r = exp(log p - old log p) and the rollout's advantage A:
+    loss = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)     (PPO, Schulman et al. 2017, arXiv:1707.06347)
+loss_sum returns the sum over this rank's response tokens and train_step divides by the GLOBAL
+count of response tokens (their labels): a token mean over the whole batch, the same under every
+layout. Without old_logprobs the ratio is 1 (old = log p detached): on-policy REINFORCE with A.
+
+log p comes from chunked_token_logprobs inside the model's forward, so under any dp/tp/cp layout a
+rank holds per-token scalars of its own tokens only, never logits. Rollouts are packed whole,
+never split across rows: a token's log-probability is the policy's only if it sees its prompt.
+"""
+
+import functools
+import math
+import os
+
+import torch
+
+from models.common.loss import IGNORE_INDEX, chunked_token_logprobs
+from recipes.data import DataError, HFTokenizer, PackedStream, load_documents
+
+EXTRA_FIELDS = ("advantages", "old_logprobs")  # per-token floats packed next to the tokens
+
+
+class PolicyRecipe:
+    def __init__(self, job_config):
+        self.job_config = job_config
+        assets = job_config.model.hf_assets_path
+        has_tokenizer = bool(assets) and os.path.isfile(os.path.join(assets, "tokenizer.json"))
+        self.tokenizer = HFTokenizer(assets) if has_tokenizer else None  # ids-only rollouts need none
+        self.vocab_size = self.tokenizer.vocab_size if self.tokenizer else 0
+        self.pad_id = self.tokenizer.eos_id if self.tokenizer else 0
+        self.clip_eps = job_config.recipe.clip_eps
+        training = job_config.training
+        self.documents = load_documents(training.dataset_path, training.dataset, text_field=None)
+        check_columns(self.documents.column_names, training.dataset_path)
+
+    def token_ids(self, record: dict, name: str) -> list[int]:
+        if record.get(f"{name}_ids") is not None:
+            return list(record[f"{name}_ids"])
+        if self.tokenizer is None:
+            raise DataError(f"a rollout has {name!r} text but no {name}_ids, and model.hf_assets_path="
+                            f"{self.job_config.model.hf_assets_path!r} has no tokenizer.json; give ids or a tokenizer")
+        return self.tokenizer.encode(record[name])
+
+    def encode(self, record: dict) -> tuple[list[int], list[int], list[float], list[float]]:
+        """(tokens, labels, advantages, old_logprobs): labels mark the response tokens."""
+        prompt, response = self.token_ids(record, "prompt"), self.token_ids(record, "response")
+        if not prompt:
+            raise DataError("a rollout has an empty prompt; the first response token needs at least one token before it")
+        if record.get("advantage") is None:
+            raise DataError("a rollout has no advantage; give every rollout a float advantage (e.g. reward - group mean)")
+        old = record.get("old_logprobs")
+        if old is None:
+            old = [math.nan] * len(response)  # NaN: "take the current log p", see loss_sum
+        elif len(old) != len(response):
+            raise DataError(f"a rollout has {len(old)} old_logprobs for {len(response)} response tokens; give one per response token")
+        # Position i predicts token i+1: the last prompt token predicts the first response token.
+        before, after = [IGNORE_INDEX] * (len(prompt) - 1), [IGNORE_INDEX]
+        labels = before + response + after
+        advantages = [0.0] * len(before) + [float(record["advantage"])] * len(response) + [0.0]
+        old_logprobs = [0.0] * len(before) + [float(x) for x in old] + [0.0]
+        return prompt + response, labels, advantages, old_logprobs
+
+    def build_stream(self, padded_len: int) -> PackedStream:
+        return PackedStream(self.documents, self.encode, self.job_config.training.seq_len, padded_len, self.pad_id,
+                            extra_fields=EXTRA_FIELDS, split_documents=False)
+
+    def token_logprobs(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(label) per local token, [B, T_local] fp32, 0 where there is no label."""
+        head = functools.partial(chunked_token_logprobs, labels=batch["labels"], chunk_size=self.job_config.recipe.loss_chunk_size)
+        return model(batch["input_ids"], batch["position_ids"], batch.get("document_ids"), head=head)
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]):
+        """(sum of token losses, response tokens, metric sums) on this rank's tokens."""
+        logp = self.token_logprobs(model, batch)
+        mask = batch["labels"] != IGNORE_INDEX
+        old = torch.where(batch["old_logprobs"].isnan(), logp.detach(), batch["old_logprobs"])
+        ratio = torch.exp(logp - old)
+        advantages = batch["advantages"]
+        unclipped = ratio * advantages
+        clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps) * advantages
+        loss = torch.where(mask, -torch.minimum(unclipped, clipped), 0.0).sum()
+        # Tokens whose clipped term wins get no gradient; train_step turns sums into token means.
+        metric_sums = {
+            "clip_fraction": (mask & (clipped < unclipped)).sum().float(),
+            "ratio_mean": torch.where(mask, ratio.detach(), 0.0).sum(),
+        }
+        return loss, mask.sum(), metric_sums
+
+
+def check_columns(columns: list[str], path: str) -> None:
+    for need in (("prompt_ids", "prompt"), ("response_ids", "response"), ("advantage",)):
+        if not set(need) & set(columns):
+            raise DataError(f"{path!r} has no column {' or '.join(map(repr, need))} (columns: {columns}); "
+                            "rollouts need prompt_ids/prompt, response_ids/response and advantage")

@@ -1,0 +1,150 @@
+"""Per-token log-probabilities of a model for a rollouts file: the old_logprobs of the policy recipe.
+
+    python scripts/compute_logprobs.py --model-dir HF_DIR --input ROLLOUTS.jsonl --output OUT.jsonl
+    torchrun --nproc_per_node 8 scripts/compute_logprobs.py --model-dir HF_DIR --input R.jsonl --output O.jsonl \\
+        --parallelism.context_parallel_degree 4 --parallelism.tensor_parallel_degree 2
+    python scripts/compute_logprobs.py --job.config_file CONFIG --input R.jsonl --output O.jsonl \\
+        --checkpoint.enable    # the run's own latest checkpoint (or checkpoint.load_step), or instead
+        --checkpoint.initial_load_path DCP_OR_HF_DIR [--checkpoint.initial_load_in_hf]
+
+Each output line is the input record plus "response_logprobs": one float per response token.
+Rollouts take the policy recipe's format (ids, or text with model.hf_assets_path's tokenizer).
+Any further --section.key arguments override the job config, as for train.py.
+
+The model is built, loaded and sharded by train.py's own functions, under any dp/tp/cp layout.
+Rollouts are packed whole into rows (document-masked, as in training) of training.seq_len tokens,
+or of the longest rollout if that is longer; dp groups score different rows, and only per-token
+scalars cross ranks.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+from components import build  # noqa: E402
+from components.checkpoint import CheckpointError, checkpoint_folder, resume_step  # noqa: E402
+from components.config import ConfigError, parse_config  # noqa: E402
+from models.common.loss import IGNORE_INDEX  # noqa: E402
+from recipes.data import DataError, collate, pack_row  # noqa: E402
+from recipes.policy import EXTRA_FIELDS  # noqa: E402
+
+
+def config_args(model_dir: str | None, input_path: str, overrides: list[str]) -> list[str]:
+    """Job-config arguments: the policy recipe on the input, the HF model folder if given, then overrides."""
+    args = ["--recipe.name", "policy", "--training.dataset_path", input_path, "--training.dataset", "json"]
+    if model_dir:
+        config_path = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(config_path):
+            raise ConfigError(f"--model-dir {model_dir!r} has no config.json; point it at a Hugging Face model folder")
+        with open(config_path) as f:
+            family = json.load(f).get("model_type", "qwen3")
+        args += ["--model.name", family, "--model.flavor", model_dir, "--model.hf_assets_path", model_dir,
+                 "--checkpoint.initial_load_path", model_dir, "--checkpoint.initial_load_in_hf"]
+    return args + overrides
+
+
+def use_run_checkpoint(job_config) -> None:
+    """With checkpoint.enable, score the run's own latest (or load_step) checkpoint. build_model
+    leaves a resumed run's weights to the trainer's Checkpointer, so name it as a model-only load."""
+    step = resume_step(job_config)
+    if step is not None:
+        ckpt = job_config.checkpoint
+        ckpt.initial_load_path = os.path.join(checkpoint_folder(job_config), f"step-{step}")
+        ckpt.initial_load_in_hf, ckpt.initial_load_model_only, ckpt.enable = False, True, False
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pack_whole(lengths: list[int], row_len: int) -> list[list[int]]:
+    """Greedy rows of whole rollouts, in file order: indices of the rollouts in each row."""
+    rows, used = [[]], 0
+    for index, length in enumerate(lengths):
+        if rows[-1] and used + length > row_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(index)
+        used += length
+    return rows
+
+
+@torch.no_grad()
+def score_row(model, recipe, row: dict, parallel_dims, job_config, device) -> torch.Tensor:
+    """log p(label) over the whole row [T]: each cp rank scores its chunk, then the chunks are gathered."""
+    batch = build.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()}, parallel_dims)
+    with build.loss_context(parallel_dims, job_config):
+        local = recipe.token_logprobs(model, batch)[0]  # [T/cp]
+    if parallel_dims.cp == 1:
+        return local
+    chunks = [torch.empty_like(local) for _ in range(parallel_dims.cp)]
+    dist.all_gather(chunks, local.contiguous(), group=parallel_dims.mesh("cp").get_group())
+    return torch.cat(chunks)
+
+
+def compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts: list[dict], device) -> dict[int, list[float]]:
+    """{rollout index: response log-probs} for the rows of this rank's dp group (a process group must exist)."""
+    model = build.build_model(spec, model_args, parallel_dims, job_config, device)
+    segments = [recipe.encode(rollout) for rollout in rollouts]
+    multiple = parallel_dims.tp * parallel_dims.cp  # sequence parallel and Ulysses need equal chunks
+    row_len = max([job_config.training.seq_len] + [len(s[0]) for s in segments])
+    padded_len = -(-row_len // multiple) * multiple
+    rows = pack_whole([len(s[0]) for s in segments], row_len)
+    dp, dp_rank = parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank()
+    results = {}
+    # Every rank runs the same number of forwards (FSDP gathers weights collectively): a dp group
+    # without a row left scores an empty one.
+    for first in range(0, len(rows), dp):
+        indices = rows[first + dp_rank] if first + dp_rank < len(rows) else []
+        row = pack_row([segments[i] for i in indices], padded_len, recipe.pad_id, EXTRA_FIELDS)
+        logprobs = score_row(model, recipe, row, parallel_dims, job_config, device)
+        response = logprobs[row["labels"] != IGNORE_INDEX].tolist()  # response tokens, rollout after rollout
+        for i in indices:
+            n = sum(label != IGNORE_INDEX for label in segments[i][1])
+            results[i], response = response[:n], response[n:]
+    return results
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", help="Hugging Face model folder (config.json, safetensors, tokenizer)")
+    parser.add_argument("--input", required=True, help="rollouts, JSON lines")
+    parser.add_argument("--output", required=True, help="where to write the rollouts with response_logprobs")
+    args, overrides = parser.parse_known_args(argv)
+    if not args.model_dir and not any(a.split("=")[0] == "--job.config_file" for a in overrides):
+        raise ConfigError("give --model-dir HF_DIR, or --job.config_file CONFIG with the checkpoint to score")
+    job_config = parse_config(config_args(args.model_dir, args.input, overrides))
+    use_run_checkpoint(job_config)
+    try:
+        spec, model_args, parallel_dims, recipe = build.validate(job_config)
+    except ValueError as e:  # ParallelDims / ModelSpec / DecoderArgs refusals
+        raise ConfigError(str(e)) from None
+    rollouts = read_jsonl(args.input)
+    device = build.init_distributed(job_config)
+    try:
+        results = compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts, device)
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        if dist.get_rank() == 0:
+            merged = {i: lp for part in gathered for i, lp in part.items()}
+            with open(args.output, "w") as f:
+                for i, rollout in enumerate(rollouts):
+                    f.write(json.dumps({**rollout, "response_logprobs": merged[i]}) + "\n")
+            build.log(f"wrote {len(rollouts)} rollouts with response_logprobs to {args.output}")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
