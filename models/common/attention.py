@@ -3,11 +3,13 @@
 Local head counts come from tensor sizes, so the same code runs unsharded and tensor-parallel.
 """
 
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from models.common.args import DecoderArgs
@@ -16,6 +18,12 @@ from parallelisms import ulysses
 
 # None: one causal document per row; a bool tensor [B, 1, T, T] (CPU); a flex BlockMask (CUDA).
 AttentionMask = None | torch.Tensor | BlockMask
+
+# SDPA kernels tried in this order on CUDA; the first that accepts the inputs runs. Measured on
+# an H100 (torch 2.11, causal, 16 q / 8 kv heads, fwd+bwd): cuDNN 469-585 TFLOP/s, flash 258-330;
+# both take GQA natively; the memory-efficient kernel refuses enable_gqa.
+# `scripts/bench.py --probe-attention` re-measures (docs/performance.md).
+SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def build_attention_mask(document_ids: torch.Tensor | None) -> AttentionMask:
@@ -52,9 +60,8 @@ def attention_kernel(q, k, v, mask: AttentionMask) -> torch.Tensor:
         flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
         out = flex(q, k, v, block_mask=mask, enable_gqa=True)
     else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-        )
+        with sdpa_kernel(SDPA_BACKENDS, set_priority=True) if q.is_cuda else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     return out.transpose(1, 2)
 
 

@@ -22,7 +22,7 @@ def parallelize_decoder(model: nn.Module, parallel_dims: ParallelDims, job_confi
             block.attention.cp_group = cp_group
     # Compile before checkpoint-wrapping: the other order fails under TP (DESIGN.md traps).
     if job_config.compile.enable:
-        apply_compile(model)
+        apply_compile(model, job_config.compile.backend)
     ac = job_config.activation_checkpoint
     apply_ac(model, ac.mode, ac.selective_ac_option)
     # FSDP last, over whatever wrappers the blocks now wear; dp and cp ranks shard the weights.
@@ -30,5 +30,9 @@ def parallelize_decoder(model: nn.Module, parallel_dims: ParallelDims, job_confi
         param_dtype = torch.bfloat16 if job_config.training.mixed_precision_param == "bfloat16" else torch.float32
         if not torch.cuda.is_available():
             param_dtype = torch.float32  # CPU runs are the fp32 reference
-        apply_fsdp(model, parallel_dims.fsdp_mesh(), param_dtype)
+        # "never" keeps each block's bf16 parameters gathered from forward to backward: one
+        # all-gather per block per step instead of two, for the memory of one bf16 model copy.
+        reshard = job_config.parallelism.fsdp_reshard_after_forward != "never"
+        apply_fsdp(model, parallel_dims.fsdp_mesh(), param_dtype, reshard_after_forward=reshard,
+                   cpu_offload=job_config.training.enable_cpu_offload)
     return model
