@@ -1,0 +1,80 @@
+"""Shared test setup: the repo root on sys.path, tiny random Hugging Face Qwen models on disk,
+and the relative-error assertion every parity test uses."""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # the repo runs from its root; it is not an installed package
+
+# Small vocab (odd on purpose: no accidental divisibility), 2 layers: enough to catch a wrong
+# mapping between layers, fast enough to build dozens of models.
+TINY_HF_CONFIG = dict(
+    vocab_size=97,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+
+
+@dataclass(frozen=True)
+class TinyHF:
+    family: str  # HF model_type: "qwen2" or "qwen3"
+    path: str  # folder written by save_pretrained
+    model: torch.nn.Module  # the transformers model, eval mode, fp32
+
+
+def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
+    """HF and our init set norms to 1 and biases to 0: a wrong mapping of either would go unseen.
+    Give every parameter distinct random values instead (names ending in norm.weight/bias are
+    spelled the same way in HF's and our modules)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+
+
+def assert_rel_close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
+    """||ours - ref|| / ||ref|| <= tol, reporting max and mean absolute difference on failure."""
+    diff = (ours.detach().double() - ref.detach().double())
+    rel = (diff.norm() / ref.detach().double().norm().clamp(min=1e-30)).item()
+    assert rel <= tol, (
+        f"{what}: relative error {rel:.3e} > {tol:.0e} "
+        f"(max abs diff {diff.abs().max().item():.3e}, mean {diff.abs().mean().item():.3e})"
+    )
+
+
+@pytest.fixture(scope="session")
+def make_tiny_hf(tmp_path_factory):
+    """make_tiny_hf(family, hidden_size=..., num_attention_heads=..., num_key_value_heads=...,
+    tie_word_embeddings=..., [head_dim=...]) -> TinyHF, built once per distinct shape per session."""
+    import transformers  # a test dependency (pyproject [test]); missing it is an error, not a skip
+    cache: dict[tuple, TinyHF] = {}
+
+    def make(family: str, seed: int = 0, **shape) -> TinyHF:
+        key = (family, seed, tuple(sorted(shape.items())))
+        if key not in cache:
+            config_cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+            config = config_cls(**(TINY_HF_CONFIG | shape))
+            torch.manual_seed(seed)
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+            randomize_parameters(model, seed)
+            path = str(tmp_path_factory.mktemp(f"hf_{family}"))
+            model.save_pretrained(path)
+            cache[key] = TinyHF(family, path, model)
+        return cache[key]
+
+    return make

@@ -1,0 +1,60 @@
+"""Run train.py's real `__main__` block once per argument list, in this one process, recording the
+exit code and everything written to stderr (file descriptor 2, so C-level writes count too).
+
+    python tests/run_train_cases.py CASES.json RESULTS.json
+
+CASES.json: {"name": ["--job.config_file", ...], ...}. Importing torch and torchtitan costs about
+10 s of CPU per process; a dozen bad-config cases in one process pay it once."""
+
+import json
+import os
+import runpy
+import sys
+import tempfile
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_case(args: list[str]) -> dict:
+    sys.argv = ["train.py", *args]
+    with tempfile.TemporaryFile(mode="w+") as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        code = 0
+        try:
+            runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # what a real process would die of: a traceback and exit code 1
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            _destroy_process_group()  # a case that got that far must not leak into the next
+        captured.seek(0)
+        return {"returncode": code, "stderr": captured.read()}
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(cases_path: str, results_path: str) -> None:
+    os.chdir(ROOT)
+    sys.path.insert(0, ROOT)
+    with open(cases_path) as f:
+        cases = json.load(f)
+    results = {name: run_case(args) for name, args in cases.items()}
+    with open(results_path, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
