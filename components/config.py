@@ -7,10 +7,12 @@ import io
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Literal
+import types
+from typing import Literal, Union, get_args, get_origin
 
 from torchtitan.config import ConfigManager
 from torchtitan.config import JobConfig as TitanJobConfig
+from torchtitan.config.job_config import Checkpoint as TitanCheckpoint
 from torchtitan.config.job_config import Model as TitanModel
 from torchtitan.config.job_config import Parallelism as TitanParallelism
 from torchtitan.config.job_config import Training as TitanTraining
@@ -48,21 +50,39 @@ class Training(TitanTraining):
 
 
 @dataclass
+class Checkpoint(TitanCheckpoint):
+    export_interval: int = 0
+    """Export a Hugging Face folder to {dump_folder}/hf/step-N every N steps (0: never); in
+    export_dtype. last_save_in_hf exports at the last step. See components/hf_export.py."""
+
+    export_max_shard_gb: float = 5.0
+    """Largest safetensors file of an HF export, in GB (like transformers' max_shard_size)."""
+
+
+@dataclass
 class Recipe:
-    name: Literal["pretrain"] = "pretrain"
-    """What one step computes: "pretrain" (packed text, next-token loss)."""
+    name: Literal["pretrain", "sft", "policy"] = "pretrain"
+    """What one step computes: "pretrain" (packed text, next-token loss), "sft" (chat records,
+    loss on assistant turns only), "policy" (offline rollouts, clipped policy-gradient loss)."""
 
     text_field: str = "text"
-    """The JSON/parquet column that holds document text."""
+    """pretrain: the JSON/parquet column that holds document text."""
+
+    messages_field: str = "messages"
+    """sft: the column that holds a record's chat turns ([{"role": ..., "content": ...}, ...])."""
 
     loss_chunk_size: int = 4096
     """Tokens per chunk of the chunked cross-entropy: the logits of one chunk exist at a time."""
+
+    clip_eps: float = 0.2
+    """policy: the importance ratio is clipped to [1 - clip_eps, 1 + clip_eps] (PPO's epsilon)."""
 
 
 @dataclass
 class JobConfig(TitanJobConfig):
     model: Model = field(default_factory=Model)
     parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
     training: Training = field(default_factory=Training)
     recipe: Recipe = field(default_factory=Recipe)
 
@@ -78,6 +98,8 @@ def _check_cli_keys(args: list[str]) -> None:
         if section not in sections or not is_dataclass(sections[section]):
             raise ConfigError(f"unknown config section in {arg!r}; valid sections: {', '.join(sections)}")
         valid = {f.name for f in fields(sections[section])}
+        if name.startswith("no_") and name[3:] in valid:  # tyro's --section.no-flag for booleans
+            name = name[3:]
         if name not in valid:
             raise ConfigError(f"unknown config key --{section}.{name}; valid keys of [{section}]: {', '.join(sorted(valid))}")
 
@@ -91,10 +113,42 @@ def _one_line(tyro_output: str) -> str:
 def _check_config_file(args: list[str]) -> None:
     for i, arg in enumerate(args):
         key, _, value = arg.partition("=")
-        if key.replace("-", "_") == "--job.config_file":
+        if key.startswith("--") and key[2:].replace("-", "_") == "job.config_file":
             path = value or (args[i + 1] if i + 1 < len(args) else "")
             if not os.path.isfile(path):
                 raise ConfigError(f"--job.config_file {path!r} does not exist; see train_configs/ for examples")
+
+
+def _type_ok(value, annotation) -> bool:
+    """Only the simple annotations job configs use; anything else is left to its consumer."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return value in get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is list or annotation is list:
+        return isinstance(value, list)
+    return True
+
+
+def _check_types(config, section: str = "") -> None:
+    """TOML values reach the dataclasses unchecked (only the CLI goes through tyro's parsing)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            _check_types(value, f"{section}{f.name}.")
+        elif not _type_ok(value, f.type):
+            raise ConfigError(f"{section}{f.name} = {value!r} does not match its type {f.type}; fix the TOML value")
 
 
 def parse_config(args: list[str]) -> JobConfig:
@@ -104,7 +158,7 @@ def parse_config(args: list[str]) -> JobConfig:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            return manager.parse_args(args)
+            config = manager.parse_args(args)
     except SystemExit as e:
         if e.code in (0, None):  # --help
             raise
@@ -112,3 +166,5 @@ def parse_config(args: list[str]) -> JobConfig:
     except (ValueError, TypeError, OSError) as e:
         message = " ".join(str(e).split())
         raise ConfigError(f"bad job config: {message}") from None
+    _check_types(config)
+    return config

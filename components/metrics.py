@@ -69,7 +69,8 @@ class MetricsLogger:
             eta = (now - self.start) / (step - self.first_step) * (self.total_steps - step)
             print(
                 f"step {step:>5}/{self.total_steps}  loss {loss:8.4f}  grad_norm {grad_norm:8.4f}  lr {lr:.2e}  "
-                f"tok/s {tokens_per_s:9.0f}  mfu {record['mfu']:6.2%}  mem {record['memory_gib']:6.2f} GiB  eta {eta:5.0f}s",
+                f"tok/s {tokens_per_s:9.0f}  mfu {record['mfu']:6.2%}  mem {record['memory_gib']:6.2f} GiB  eta {eta:5.0f}s"
+                + "".join(f"  {k} {v:.4g}" for k, v in extra.items()),
                 flush=True,
             )
             self.jsonl.write(json.dumps(record) + "\n")

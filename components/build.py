@@ -1,0 +1,95 @@
+"""What train.py and the scripts share: checks before any process group, the process group,
+the model built on meta and parallelized, and the per-step context of a batch.
+
+Scripts (conversion, log-probs, bench) import these instead of train.py, which only wires them
+into the training loop."""
+
+import contextlib
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.parallel import loss_parallel
+
+from components.checkpoint import init_weights
+from components.config import ConfigError, JobConfig
+from models import get_model_spec
+from models.common.decoder import Decoder
+from parallelisms.parallel_dims import ParallelDims
+from parallelisms.ulysses import slice_for_cp
+from recipes import build_recipe
+
+
+def validate(job_config: JobConfig):
+    """Everything that can be refused before a process group exists: config, layout, heads, data."""
+    spec = get_model_spec(job_config.model.name)
+    model_args = spec.args_for(job_config.model.flavor)
+    p = job_config.parallelism
+    parallel_dims = ParallelDims(
+        dp_replicate=p.data_parallel_replicate_degree,
+        dp_shard=p.data_parallel_shard_degree,
+        cp=p.context_parallel_degree,
+        tp=p.tensor_parallel_degree,
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+    )
+    parallel_dims.validate_heads(model_args.n_heads, model_args.n_kv_heads)
+    if p.pipeline_parallel_degree != 1 or p.expert_parallel_degree != 1:
+        raise ConfigError("pipeline and expert parallel are not supported; use dp_replicate, dp_shard, cp and tp")
+    recipe = build_recipe(job_config)
+    if recipe.vocab_size > model_args.vocab_size:
+        raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")
+    return spec, model_args, parallel_dims, recipe
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(job_config: JobConfig) -> torch.device:
+    """NCCL on GPUs, gloo on CPU; also a 1-process group so one code path serves every layout."""
+    if "WORLD_SIZE" not in os.environ:  # plain `python train.py`: a 1-process group on a free port
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=job_config.comm.init_timeout_seconds))
+    return device
+
+
+def build_model(spec, model_args, parallel_dims: ParallelDims, job_config: JobConfig, device) -> Decoder:
+    """On the meta device first, so no rank ever holds the unsharded model; then shard and fill."""
+    with torch.device("meta"):
+        model = Decoder(model_args)
+    spec.parallelize_fn(model, parallel_dims, job_config)
+    # FSDP's CPU offload keeps the sharded fp32 parameters in host memory from the start.
+    model.to_empty(device="cpu" if job_config.training.enable_cpu_offload else device)
+    # The run's own checkpoint, else checkpoint.initial_load_path, else random: checked, one line.
+    log(init_weights(model, spec, model_args, job_config))
+    model.train()
+    return model
+
+
+def shard_for_cp(batch: dict, parallel_dims: ParallelDims) -> dict:
+    """Contiguous sequence chunks per cp rank. document_ids stay global: attention runs over the
+    full sequence after the Ulysses exchange."""
+    cp_rank = parallel_dims.mesh("cp").get_local_rank()
+    return {k: v if k == "document_ids" else slice_for_cp(v, cp_rank, parallel_dims.cp) for k, v in batch.items()}
+
+
+def loss_context(parallel_dims: ParallelDims, job_config: JobConfig):
+    """Loss parallel under tp: the loss reduces over vocab-sharded logits (forward and backward)."""
+    if parallel_dims.tp > 1 and not job_config.parallelism.disable_loss_parallel:
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, flush=True)
