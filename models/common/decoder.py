@@ -9,6 +9,7 @@ from torch import nn
 from models.common.args import DecoderArgs
 from models.common.attention import Attention, AttentionMask, build_attention_mask
 from models.common.rope import rope_cos_sin
+from parallelisms.sharding import copy_full_
 
 
 class FeedForward(nn.Module):
@@ -80,16 +81,23 @@ class Decoder(nn.Module):
         return self
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02):
-        """Initialize parameters in place (after `to_empty` from the meta device; works on DTensors).
-        Output projections of residual branches are scaled down by depth (GPT-2, Radford et al. 2019)."""
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                scale = math.sqrt(2 * self.args.n_layers) if name.endswith(("wo", "w2")) else 1.0
-                nn.init.trunc_normal_(module.weight, std=std / scale, a=-3 * std, b=3 * std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
+    def init_weights(self, seed: int = 0, std: float = 0.02):
+        """Initialize parameters in place (after `to_empty` from the meta device).
+
+        Each parameter is drawn whole from a generator seeded by (seed, its index) and then
+        sharded, so a random init is identical under every parallel layout: runs of any mesh
+        start from the same weights as one process. Output projections of residual branches are
+        scaled down by depth (GPT-2, Radford et al. 2019)."""
+        for index, (name, param) in enumerate(self.named_parameters()):  # a tied weight appears once
+            full = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+            generator = torch.Generator(param.device).manual_seed(seed * 1_000_003 + index)
+            if name.endswith("norm.weight"):
+                nn.init.ones_(full)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(full)
+            elif name.endswith("tok_embeddings.weight"):
+                nn.init.normal_(full, std=std, generator=generator)
+            else:
+                scaled = std / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+                nn.init.trunc_normal_(full, std=scaled, a=-3 * scaled, b=3 * scaled, generator=generator)
+            copy_full_(param, full)

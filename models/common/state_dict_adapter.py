@@ -11,15 +11,13 @@ from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 
 from models.common.args import DecoderArgs
 
-# Segments that torch.compile, activation checkpointing and FSDP1/DDP insert into FQNs.
-WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+# FQN segments that torch.compile, activation checkpointing and FSDP1 insert.
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
 
 
 def strip_wrappers(fqn: str) -> str:
     """'layers.0._checkpoint_wrapped_module._orig_mod.attention.wq.weight' -> 'layers.0.attention.wq.weight'."""
-    for segment in WRAPPER_SEGMENTS:
-        fqn = fqn.replace(segment, "") if fqn.startswith(segment) else fqn.replace("." + segment, ".")
-    return fqn
+    return ".".join(part for part in fqn.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 # Shared by Qwen2 and Qwen3; families add rows (Qwen2: q/k/v biases, Qwen3: q/k norms).
