@@ -6,6 +6,7 @@ A packed row carries everything a step needs, computed here once on the data sid
                     a document's last position and padding get IGNORE_INDEX
   position_ids [T]  restart at 0 at every document start (RoPE positions)
   document_ids [T]  which document a token belongs to (the attention mask; padding is its own)
+  ...          [T]  per-token floats a recipe adds (the policy's advantages, old log-probs)
 """
 
 import json
@@ -23,12 +24,10 @@ class DataError(ValueError):
     """Unreadable or missing data/tokenizer; the message is one line naming the path."""
 
 
-def load_documents(path: str, fmt: str = "auto", text_field: str = "text"):
-    """A `datasets.Dataset` of documents from a local file or folder (no network)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-
+def load_documents(path: str, fmt: str = "auto", text_field: str | None = "text"):
+    """Documents from a local file or folder (no network): a `datasets.Dataset` (memory-mapped
+    Arrow, any size), or where `datasets` is not installed, JSON lines / text read into a list.
+    text_field=None: the caller checks its own columns."""
     if not path or not os.path.exists(path):
         raise DataError(f"training.dataset_path={path!r} does not exist; point it at a local text/jsonl/parquet file or folder")
     files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
@@ -38,12 +37,37 @@ def load_documents(path: str, fmt: str = "auto", text_field: str = "text"):
             raise DataError(f"cannot tell the format of {path!r} from extensions {sorted({os.path.splitext(f)[1] for f in files})}; set training.dataset to text, json or parquet")
         fmt = kinds.pop()
     try:
-        ds = datasets.load_dataset(fmt, data_files=files, split="train")
-    except Exception as e:  # datasets raises many types for unreadable files
+        ds = _load(files, fmt)
+    except DataError:
+        raise
+    except Exception as e:  # datasets and json raise many types for unreadable files
         raise DataError(f"could not read {path!r} as {fmt}: {' '.join(str(e).split())[:200]}") from None
-    if text_field not in ds.column_names:
+    if text_field is not None and text_field not in ds.column_names:
         raise DataError(f"{path!r} has no column {text_field!r} (columns: {ds.column_names}); set recipe.text_field")
     return ds
+
+
+class _Records(list):
+    """JSON-lines or text records read without `datasets`, with the one attribute recipes use."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self[0]) if self else []
+
+
+def _load(files: list[str], fmt: str):
+    try:
+        import datasets
+    except ImportError:  # e.g. the GPU machines, which lack pyarrow: small corpora still load
+        if fmt == "parquet":
+            raise DataError("reading parquet needs the `datasets` package (pip install datasets)") from None
+        records = _Records()
+        for file in files:
+            with open(file) as f:
+                records += [json.loads(line) if fmt == "json" else {"text": line.rstrip("\n")} for line in f if line.strip()]
+        return records
+    datasets.disable_progress_bars()
+    return datasets.load_dataset(fmt, data_files=files, split="train")
 
 
 class HFTokenizer:
@@ -73,15 +97,19 @@ class HFTokenizer:
         return token_id
 
 
-def pack_row(segments: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Lay (tokens, labels) segments end to end into one row of seq_len, padding the rest.
-    Each segment's labels are already shifted within the segment."""
+def pack_row(segments: list[tuple], seq_len: int, pad_id: int, extra_fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Lay (tokens, labels, *extras) segments end to end into one row of seq_len, padding the rest.
+    Each segment's labels are already shifted within the segment. `extras` are per-token float
+    lists (e.g. a policy's advantages), one per name in extra_fields; padding gets 0."""
     tokens, labels, positions, docs = [], [], [], []
-    for doc, (seg_tokens, seg_labels) in enumerate(segments):
+    extras = [[] for _ in extra_fields]
+    for doc, (seg_tokens, seg_labels, *seg_extras) in enumerate(segments):
         tokens += seg_tokens
         labels += seg_labels
         positions += range(len(seg_tokens))
         docs += [doc] * len(seg_tokens)
+        for column, values in zip(extras, seg_extras, strict=True):
+            column += values
     pad = seq_len - len(tokens)
     tokens += [pad_id] * pad
     labels += [IGNORE_INDEX] * pad
@@ -92,6 +120,7 @@ def pack_row(segments: list[tuple[list[int], list[int]]], seq_len: int, pad_id: 
         "labels": torch.tensor(labels),
         "position_ids": torch.tensor(positions),
         "document_ids": torch.tensor(docs),
+        **{name: torch.tensor(column + [0.0] * pad, dtype=torch.float32) for name, column in zip(extra_fields, extras)},
     }
 
 
@@ -107,33 +136,43 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 class PackedStream:
     """Endless packed rows over `documents`, epoch after epoch; its state resumes it exactly.
 
-    A document longer than the room left in a row continues at the start of the next row (its
-    labels still point at its own next tokens; its positions restart)."""
+    `encode(record)` returns (tokens, labels, *extras): one per-token float list per name in
+    extra_fields. A document longer than the room left in a row continues at the start of the
+    next row (its labels still point at its own next tokens; its positions restart), unless
+    split_documents=False: then it starts the next row whole, and one longer than seq_len is an
+    error (a policy's log-probabilities are only right if every token sees its whole prompt)."""
 
-    def __init__(self, documents, encode, seq_len: int, padded_len: int, pad_id: int):
+    def __init__(self, documents, encode, seq_len: int, padded_len: int, pad_id: int,
+                 extra_fields: tuple[str, ...] = (), split_documents: bool = True):
         if len(documents) == 0:
             raise DataError("the dataset has no documents")
         self.documents, self.encode = documents, encode
         self.seq_len, self.padded_len, self.pad_id = seq_len, padded_len, pad_id
+        self.extra_fields, self.split_documents = extra_fields, split_documents
         self.doc_index = 0  # documents consumed so far, over all epochs
-        self.carry: tuple[list[int], list[int]] | None = None
+        self.carry: tuple[list, ...] | None = None  # (tokens, labels, *extras) left for the next row
 
     def next_row(self) -> dict[str, torch.Tensor]:
         segments, used = [], 0
         while used < self.seq_len:
             if self.carry is not None:
-                tokens, labels = self.carry
-                self.carry = None
+                segment, self.carry = self.carry, None
             else:
-                tokens, labels = self.encode(self.documents[self.doc_index % len(self.documents)])
+                segment = self.encode(self.documents[self.doc_index % len(self.documents)])
                 self.doc_index += 1
-            room = self.seq_len - used
-            if len(tokens) > room:
-                tokens, labels, self.carry = tokens[:room], labels[:room], (tokens[room:], labels[room:])
-            if tokens:
-                segments.append((tokens, labels))
-                used += len(tokens)
-        return pack_row(segments, self.padded_len, self.pad_id)
+            room, length = self.seq_len - used, len(segment[0])
+            if length > room and not self.split_documents:
+                if length > self.seq_len:
+                    raise DataError(f"document {(self.doc_index - 1) % len(self.documents)} has {length} tokens > "
+                                    f"training.seq_len={self.seq_len}; raise seq_len (this recipe never splits a document)")
+                self.carry = segment
+                break
+            if length > room:
+                segment, self.carry = tuple(s[:room] for s in segment), tuple(s[room:] for s in segment)
+            if length:
+                segments.append(segment)
+                used += len(segment[0])
+        return pack_row(segments, self.padded_len, self.pad_id, self.extra_fields)
 
     def state_dict(self) -> dict:
         return {"doc_index": self.doc_index, "carry": self.carry}
