@@ -1,4 +1,5 @@
-"""Run a function on N CPU ranks (gloo) in fresh processes and return rank 0's result.
+"""Run a function on N ranks in fresh processes and return rank 0's result: CPU ranks over gloo,
+or one GPU per rank over NCCL.
 
 One process group serves every case passed to it, so an N-rank test pays process start-up and
 import time once. A short gloo timeout makes a failure on one rank fail the test instead of
@@ -23,13 +24,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_path: str, fn, args) -> None:
+def _worker(rank: int, world_size: int, use_gpus: bool, port: int, out_path: str, fn, args) -> None:
+    if not use_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before any CUDA call: the run is CPU-only
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
+    backend = "gloo"
+    if use_gpus:
+        torch.cuda.set_device(rank)
+        backend = "nccl"
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=TIMEOUT)
     try:
         result = fn(*args)
         if rank == 0:
@@ -39,12 +46,14 @@ def _worker(rank: int, world_size: int, port: int, out_path: str, fn, args) -> N
         dist.destroy_process_group()
 
 
-def run_on_ranks(world_size: int, fn, *args):
-    """fn(*args) on every rank; fn must be a module-level function (it is pickled by name)."""
+def run_on_ranks(world_size: int, fn, *args, use_gpus: bool = False):
+    """fn(*args) on every rank; fn must be a module-level function (it is pickled by name).
+    use_gpus: one GPU per rank over NCCL; otherwise CPU over gloo, GPUs hidden."""
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "result.pkl")
         mp.start_processes(
-            _worker, args=(world_size, _free_port(), out_path, fn, args), nprocs=world_size, start_method="spawn"
+            _worker, args=(world_size, use_gpus, _free_port(), out_path, fn, args),
+            nprocs=world_size, start_method="spawn",
         )
         with open(out_path, "rb") as f:
             return pickle.load(f)

@@ -1,0 +1,35 @@
+"""The parity suite on GPUs over NCCL (skips without 2+ GPUs): every layout the machine has GPUs
+for must reproduce the 1-GPU run, in fp32 parameters (tight) and in bf16 mixed precision."""
+
+import pytest
+import torch
+
+from tests.distributed_harness import run_on_ranks
+from tests.test_parallel import LAYOUTS, assert_close, assert_matches_reference, hf_dir, overrides, train_layouts  # noqa: F401
+
+N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = pytest.mark.skipif(N_GPUS < 2, reason="needs 2+ CUDA GPUs")
+
+PRECISIONS = {
+    # fp32 parameters; TF32 stays off (torch's default), so only reduction order differs.
+    "fp32": (["--training.mixed_precision_param", "float32", "--training.steps", "5"], 1e-4),
+    # bf16 compute, fp32 master weights and reductions: a layout changes bf16 rounding of partial sums.
+    "bf16": (["--training.mixed_precision_param", "bfloat16", "--training.steps", "5"], 2e-2),
+}
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_gpu_layouts_match_one_gpu(precision, hf_dir, tmp_path):
+    extra, rtol = PRECISIONS[precision]
+    ref = run_on_ranks(1, train_layouts, [overrides(hf_dir, str(tmp_path / "ref"), {}, extra)], use_gpus=True)[0]
+    for world_size in [w for w in sorted(LAYOUTS) if w <= N_GPUS]:
+        names = [n for n, layout in LAYOUTS[world_size].items() if not layout.get("random_init")]
+        cases = [overrides(hf_dir, str(tmp_path / n), LAYOUTS[world_size][n], extra) for n in names]
+        for name, result in zip(names, run_on_ranks(world_size, train_layouts, cases, use_gpus=True)):
+            print(f"{precision} {name}: loss {result['loss']} (1 GPU {ref['loss']}); "
+                  f"grad_norm {result['grad_norm']} (1 GPU {ref['grad_norm']})")
+            if precision == "fp32":
+                assert_matches_reference(result, ref, name, rtol)
+            else:
+                assert_close(f"{name} loss", result["loss"], ref["loss"], rtol)
+                assert_close(f"{name} grad_norm", result["grad_norm"], ref["grad_norm"], rtol)
