@@ -6,7 +6,6 @@
         --parallelism.context_parallel_degree 2
 """
 
-import os
 import sys
 
 import torch
@@ -15,12 +14,13 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.distributed.utils import clip_grad_norm_
 
-from components.build import build_model, init_distributed, log, loss_context, shard_for_cp, validate
-from components.checkpoint import Checkpointer, CheckpointError
-from components.config import ConfigError, JobConfig, parse_config
+from components.build import build_model, init_distributed, log, loss_context, run_command, shard_for_cp, validate
+from components.checkpoint import Checkpointer
+from components.config import JobConfig, parse_config
 from components.metrics import MetricsLogger
+from models.common.loss import IGNORE_INDEX
 from parallelisms.parallel_dims import ParallelDims
-from recipes.data import DataError, StepLoader
+from recipes.data import StepLoader
 
 
 def token_means(metric_sums: dict[str, torch.Tensor], n_tokens: torch.Tensor, group) -> dict[str, float]:
@@ -40,7 +40,7 @@ def train_step(model, recipe, microbatches, parallel_dims, optimizers, lr_schedu
     microbatches = [shard_for_cp({k: v.to(device) for k, v in mb.items()}, parallel_dims) for mb in microbatches]
     # Normalize by the GLOBAL count of labelled tokens (all micro-batches, dp and cp ranks), so
     # every layout computes the same mean loss and the same gradient as one process.
-    n_tokens = sum((mb["labels"] != -100).sum() for mb in microbatches).float()
+    n_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float()
     dist.all_reduce(n_tokens, group=dp_cp)
     total = torch.zeros((), device=device)
     metric_sums = {}
@@ -52,6 +52,8 @@ def train_step(model, recipe, microbatches, parallel_dims, optimizers, lr_schedu
         total += loss.detach()
         for name, value in (extra[0] if extra else {}).items():
             metric_sums[name] = metric_sums.get(name, 0) + value.detach()
+    # Gradients are DTensors sharded over dp_shard x cp (FSDP) and tp: the norm reduces over every
+    # one of those mesh dims, so it is the one-process norm (not 1/sqrt(cp) of it).
     grad_norm = clip_grad_norm_(model.parameters(), job_config.training.max_norm)
     optimizers.step()
     lr_schedulers.step()
@@ -95,10 +97,7 @@ def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, 
 
 def main(argv: list[str]) -> None:
     job_config = parse_config(argv)
-    try:
-        spec, model_args, parallel_dims, recipe = validate(job_config)
-    except ValueError as e:  # ParallelDims / ModelSpec / DecoderArgs refusals
-        raise ConfigError(str(e)) from None
+    spec, model_args, parallel_dims, recipe = validate(job_config)
     device = init_distributed(job_config)
     if job_config.debug.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -109,9 +108,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, CheckpointError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank finds it; one says it
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main, sys.argv[1:])

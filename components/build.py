@@ -7,23 +7,35 @@ into the training loop."""
 import contextlib
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from components.checkpoint import init_weights
+from components.checkpoint import CheckpointError, init_weights
 from components.config import ConfigError, JobConfig
 from models import get_model_spec
 from models.common.decoder import Decoder
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.ulysses import slice_for_cp
 from recipes import build_recipe
+from recipes.data import DataError
 
 
 def validate(job_config: JobConfig):
-    """Everything that can be refused before a process group exists: config, layout, heads, data."""
+    """Everything that can be refused before a process group exists: config, layout, heads, data.
+    Every refusal is a ConfigError (or the recipe's DataError): one line for the user."""
+    try:
+        return _validate(job_config)
+    except (ConfigError, DataError):
+        raise
+    except ValueError as e:  # ParallelDims / ModelSpec / DecoderArgs refusals
+        raise ConfigError(str(e)) from None
+
+
+def _validate(job_config: JobConfig):
     spec = get_model_spec(job_config.model.name)
     model_args = spec.args_for(job_config.model.flavor)
     p = job_config.parallelism
@@ -93,3 +105,14 @@ def loss_context(parallel_dims: ParallelDims, job_config: JobConfig):
 def log(message: str) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(message, flush=True)
+
+
+def run_command(main, argv: list[str]) -> None:
+    """main(argv); a refused input exits with code 2 and one `error:` line, said by rank 0 alone
+    (every rank finds it). Other exceptions keep their tracebacks."""
+    try:
+        main(argv)
+    except (ConfigError, DataError, CheckpointError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -28,10 +28,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 from components import build  # noqa: E402
-from components.checkpoint import CheckpointError, checkpoint_folder, resume_step  # noqa: E402
+from components.checkpoint import checkpoint_folder, resume_step  # noqa: E402
 from components.config import ConfigError, parse_config  # noqa: E402
 from models.common.loss import IGNORE_INDEX  # noqa: E402
-from recipes.data import DataError, collate, pack_row  # noqa: E402
+from recipes.data import collate, pack_row  # noqa: E402
 from recipes.policy import EXTRA_FIELDS  # noqa: E402
 
 
@@ -122,10 +122,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError("give --model-dir HF_DIR, or --job.config_file CONFIG with the checkpoint to score")
     job_config = parse_config(config_args(args.model_dir, args.input, overrides))
     use_run_checkpoint(job_config)
-    try:
-        spec, model_args, parallel_dims, recipe = build.validate(job_config)
-    except ValueError as e:  # ParallelDims / ModelSpec / DecoderArgs refusals
-        raise ConfigError(str(e)) from None
+    spec, model_args, parallel_dims, recipe = build.validate(job_config)
     rollouts = read_jsonl(args.input)
     device = build.init_distributed(job_config)
     try:
@@ -143,8 +140,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    build.run_command(main, sys.argv[1:])
