@@ -46,11 +46,11 @@ def train_step(model, recipe, microbatches, parallel_dims, optimizers, lr_schedu
     metric_sums = {}
     for mb in microbatches:
         with loss_context(parallel_dims, job_config):  # also covers backward
-            loss_sum, _, *extra = recipe.loss_sum(model, mb)  # extra: optional metric sums
+            loss_sum, recipe_sums = recipe.loss_sum(model, mb)
             loss = loss_sum / n_tokens.clamp(min=1)
             loss.backward()
         total += loss.detach()
-        for name, value in (extra[0] if extra else {}).items():
+        for name, value in recipe_sums.items():
             metric_sums[name] = metric_sums.get(name, 0) + value.detach()
     # Gradients are DTensors sharded over dp_shard x cp (FSDP) and tp: the norm reduces over every
     # one of those mesh dims, so it is the one-process norm (not 1/sqrt(cp) of it).

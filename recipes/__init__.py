@@ -2,9 +2,9 @@
 
 A recipe has `vocab_size` (its tokenizer's; 0 when it needs none), `build_stream(padded_len)`
 (a PackedStream of rows) and `loss_sum(model, batch)` on this rank's tokens, returning
-(sum of token losses, count of labelled tokens) or (..., metric_sums): train_step divides the
-loss by the GLOBAL count of labelled tokens and reports each metric sum (a per-token quantity
-summed over labelled tokens, e.g. the policy's clip fraction) as a mean over the global batch.
+(sum of token losses, metric_sums): train_step divides the loss by the GLOBAL count of labelled
+tokens (labels != IGNORE_INDEX) and reports each metric sum (a per-token quantity summed over
+labelled tokens, e.g. the policy's clip fraction) as a mean over the global batch.
 """
 
 

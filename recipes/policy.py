@@ -78,7 +78,7 @@ class PolicyRecipe:
         return model(batch["input_ids"], batch["position_ids"], batch.get("document_ids"), head=head)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]):
-        """(sum of token losses, response tokens, metric sums) on this rank's tokens."""
+        """(sum of token losses, metric sums) on this rank's tokens."""
         logp = self.token_logprobs(model, batch)
         mask = batch["labels"] != IGNORE_INDEX
         old = torch.where(batch["old_logprobs"].isnan(), logp.detach(), batch["old_logprobs"])
@@ -92,7 +92,7 @@ class PolicyRecipe:
             "clip_fraction": (mask & (clipped < unclipped)).sum().float(),
             "ratio_mean": torch.where(mask, ratio.detach(), 0.0).sum(),
         }
-        return loss, mask.sum(), metric_sums
+        return loss, metric_sums
 
 
 def check_columns(columns: list[str], path: str) -> None:

@@ -4,7 +4,7 @@ import functools
 
 import torch
 
-from models.common.loss import IGNORE_INDEX, chunked_cross_entropy_sum
+from models.common.loss import chunked_cross_entropy_sum
 from recipes.data import HFTokenizer, PackedStream, load_documents, next_token_labels
 
 
@@ -24,10 +24,10 @@ class PretrainRecipe:
     def build_stream(self, padded_len: int) -> PackedStream:
         return PackedStream(self.documents, self.encode, self.job_config.training.seq_len, padded_len, self.tokenizer.eos_id)
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token losses, number of tokens with a label) on this rank's tokens."""
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """(sum of token losses on this rank's tokens, no recipe metrics)."""
         head = functools.partial(
             chunked_cross_entropy_sum, labels=batch["labels"], chunk_size=self.job_config.recipe.loss_chunk_size
         )
         loss = model(batch["input_ids"], batch["position_ids"], batch.get("document_ids"), head=head)
-        return loss, (batch["labels"] != IGNORE_INDEX).sum()
+        return loss, {}
