@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from components.checkpoint import CheckpointError
 from models.common.args import args_to_hf_config
+from recipes.data import DataError, HFTokenizer, pack_greedy
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -35,9 +36,7 @@ def hf_config(spec, model_args, dtype: torch.dtype, eos_token_id: int | None) ->
 
 
 def _eos_token_id(assets_path: str | None) -> int | None:
-    from recipes.data import DataError, HFTokenizer  # the run's own reading of tokenizer_config.json
-
-    try:
+    try:  # the run's own reading of tokenizer_config.json
         return HFTokenizer(assets_path).eos_id if assets_path else None
     except DataError:
         return None  # no tokenizer next to the model: config.json simply names no EOS
@@ -45,15 +44,9 @@ def _eos_token_id(assets_path: str | None) -> int | None:
 
 def plan_shards(shapes: dict[str, torch.Size], itemsize: int, max_bytes: float) -> list[list[str]]:
     """Names per file, in model order, each file at most max_bytes unless one tensor is larger."""
-    shards, size = [[]], 0
-    for name, shape in shapes.items():
-        nbytes = shape.numel() * itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+    names = list(shapes)
+    groups = pack_greedy([shapes[n].numel() * itemsize for n in names], max_bytes)
+    return [[names[i] for i in group] for group in groups]
 
 
 def _write_side_files(out: str, spec, model_args, dtype, assets_path: str | None) -> None:

@@ -129,6 +129,19 @@ def next_token_labels(tokens: list[int]) -> list[int]:
     return tokens[1:] + [IGNORE_INDEX]
 
 
+def pack_greedy(sizes: list[float], capacity: float) -> list[list[int]]:
+    """Indices of `sizes`, in order, grouped greedily: a group closes when the next item would
+    overflow it; an item larger than capacity gets a group of its own."""
+    groups, used = [[]], 0
+    for index, size in enumerate(sizes):
+        if groups[-1] and used + size > capacity:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += size
+    return groups
+
+
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 

@@ -31,7 +31,7 @@ from components import build  # noqa: E402
 from components.checkpoint import checkpoint_folder, resume_step  # noqa: E402
 from components.config import ConfigError, parse_config  # noqa: E402
 from models.common.loss import IGNORE_INDEX  # noqa: E402
-from recipes.data import collate, pack_row  # noqa: E402
+from recipes.data import collate, pack_greedy, pack_row  # noqa: E402
 from recipes.policy import EXTRA_FIELDS  # noqa: E402
 
 
@@ -64,18 +64,6 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def pack_whole(lengths: list[int], row_len: int) -> list[list[int]]:
-    """Greedy rows of whole rollouts, in file order: indices of the rollouts in each row."""
-    rows, used = [[]], 0
-    for index, length in enumerate(lengths):
-        if rows[-1] and used + length > row_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(index)
-        used += length
-    return rows
-
-
 @torch.no_grad()
 def score_row(model, recipe, row: dict, parallel_dims, job_config, device) -> torch.Tensor:
     """log p(label) over the whole row [T]: each cp rank scores its chunk, then the chunks are gathered."""
@@ -96,7 +84,7 @@ def compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollou
     multiple = parallel_dims.tp * parallel_dims.cp  # sequence parallel and Ulysses need equal chunks
     row_len = max([job_config.training.seq_len] + [len(s[0]) for s in segments])
     padded_len = -(-row_len // multiple) * multiple
-    rows = pack_whole([len(s[0]) for s in segments], row_len)
+    rows = pack_greedy([len(s[0]) for s in segments], row_len)  # whole rollouts, in file order
     dp, dp_rank = parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank()
     results = {}
     # Every rank runs the same number of forwards (FSDP gathers weights collectively): a dp group
