@@ -78,3 +78,12 @@ def make_tiny_hf(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hf_dir(make_tiny_hf):
+    """The tiny random Qwen3 that training-level tests start from (4 query heads, 2 kv heads, so
+    cp4 replicates kv heads; every parameter random, norms included); its vocab holds the debug
+    tokenizer's 500 tokens."""
+    return make_tiny_hf("qwen3", vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, tie_word_embeddings=True).path

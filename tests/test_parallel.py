@@ -13,23 +13,11 @@ from torch.distributed.tensor import DTensor
 import train
 from components.config import parse_config
 from models.common.state_dict_adapter import strip_wrappers
+from tests.conftest import assert_rel_close
 from tests.distributed_harness import run_on_ranks
 
 RTOL = 1e-5
 GLOBAL_BATCH = 4
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A tiny random Qwen3 (4 query heads, 2 kv heads) saved by transformers."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("hf_qwen3")
-    Qwen3ForCausalLM(config).save_pretrained(path)
-    return str(path)
 
 
 def overrides(hf_dir: str | None, dump: str, layout: dict, extra=()) -> list[str]:
@@ -76,20 +64,15 @@ def train_layouts(cases: list[list[str]]) -> list[dict]:
     return results
 
 
-def assert_close(name: str, got, want, rtol=RTOL):
-    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    err = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
-    assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e} (max abs diff {(got - want).abs().max():.2e})"
-
-
 def assert_matches_reference(result: dict, ref: dict, label: str, rtol=RTOL):
-    assert_close(f"{label} loss {result['loss']} vs {ref['loss']}", result["loss"], ref["loss"], rtol)
-    assert_close(f"{label} grad_norm {result['grad_norm']} vs {ref['grad_norm']}", result["grad_norm"], ref["grad_norm"], rtol)
+    assert_rel_close(torch.tensor(result["loss"]), torch.tensor(ref["loss"]), rtol, f"{label} loss {result['loss']} vs {ref['loss']}")
+    assert_rel_close(torch.tensor(result["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol,
+                     f"{label} grad_norm {result['grad_norm']} vs {ref['grad_norm']}")
     assert result["weights"].keys() == ref["weights"].keys(), label
     for name, want in ref["weights"].items():
-        assert_close(f"{label} weight {name}", result["weights"][name], want, rtol)
+        assert_rel_close(result["weights"][name], want, rtol, f"{label} weight {name}")
     for name, want in ref["grads"].items():
-        assert_close(f"{label} grad {name}", result["grads"][name], want, rtol)
+        assert_rel_close(result["grads"][name], want, rtol, f"{label} grad {name}")
 
 
 @pytest.fixture(scope="module")

@@ -108,14 +108,6 @@ def two_rank_cases(hf_dir: str, tmp: str, rollouts: str, rollouts_with_old: str)
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def hf_dir(make_tiny_hf):
-    """A tiny random Qwen3 (4 query heads, 2 kv heads; every parameter random, norms included)
-    saved by transformers; its vocab holds the debug tokenizer's 500 tokens."""
-    return make_tiny_hf("qwen3", vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=16, tie_word_embeddings=True).path
-
-
 def make_rollouts(n: int, seed: int, with_old: bool = False) -> list[dict]:
     rng = random.Random(seed)
     rollouts = []
