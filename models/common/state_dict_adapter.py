@@ -76,12 +76,3 @@ class DecoderStateDictAdapter(StateDictAdapter):
         if self.args.tie_embeddings and "tok_embeddings.weight" in ours:
             ours["output.weight"] = ours["tok_embeddings.weight"]
         return ours
-
-    def expected_hf_keys(self) -> set[str]:
-        """HF names a checkpoint of this model must hold exactly (used to report missing/extra keys)."""
-        from models.common.decoder import Decoder  # local: building on meta costs nothing
-        import torch
-
-        with torch.device("meta"):
-            model = Decoder(self.args)
-        return set(self.to_hf(model.state_dict()))
