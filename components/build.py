@@ -18,6 +18,7 @@ from components.checkpoint import CheckpointError, init_weights
 from components.config import ConfigError, JobConfig
 from models import get_model_spec
 from models.common.decoder import Decoder
+from parallelisms.activation_checkpoint import blocks_to_checkpoint
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.ulysses import slice_for_cp
 from recipes import build_recipe
@@ -49,6 +50,8 @@ def _validate(job_config: JobConfig):
     parallel_dims.validate_heads(model_args.n_heads, model_args.n_kv_heads)
     if p.pipeline_parallel_degree != 1 or p.expert_parallel_degree != 1:
         raise ConfigError("pipeline and expert parallel are not supported; use dp_replicate, dp_shard, cp and tp")
+    ac = job_config.activation_checkpoint
+    blocks_to_checkpoint(ac.mode, ac.selective_ac_option, model_args.n_layers)  # refuses a bad mode or option
     recipe = build_recipe(job_config)
     if recipe.vocab_size > model_args.vocab_size:
         raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")

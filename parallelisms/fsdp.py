@@ -27,7 +27,10 @@ def apply_fsdp(
     # parameter must sit in a single FSDP group (torch >= 2.13 refuses it in two).
     fully_shard(model, **kwargs)
     # The loss is already divided by the global token count, so gradients must be SUMMED across
-    # dp and cp ranks; FSDP's default averaging would make them dp*cp times too small.
+    # dp and cp ranks; FSDP's default averaging would make them dp*cp times too small. One rank
+    # already sums, and there the setting would cost a division pass over every gradient.
+    if mesh.size() == 1:
+        return
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -46,11 +46,13 @@ def parse_args(argv):
     p.add_argument("--seq", type=int, default=8192, help="sequence length (--max-seq: where the search starts)")
     p.add_argument("--systems", default="ours,hf,torchtitan", help=f"comma-separated, from {SYSTEMS}")
     p.add_argument("--ac", default="none", choices=("none", "full", "selective"), help="activation checkpointing")
-    p.add_argument("--ac-option", default="2", help="selective: checkpoint every N-th block (hf: full)")
+    p.add_argument("--ac-option", default="2", help="selective: checkpoint every N-th block, or op (keep attention outputs); hf: full")
     p.add_argument("--steps", type=int, default=12, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
     p.add_argument("--config", default="train_configs/qwen3_bench.toml", help="our job config")
     p.add_argument("--override", action="append", default=[], help="extra --section.key=value for ours")
+    p.add_argument("--doc-len", type=int, default=0, help="ours: pack the row as documents of this many tokens "
+                   "(per-document positions and mask: flex attention on CUDA); 0: one document")
     p.add_argument("--loss-chunks", default="", help="ours: also time these loss chunk sizes (e.g. 8192,16384)")
     p.add_argument("--sdpa", default="", help="ours: SDPA kernel priority, e.g. flash,cudnn (default: attention.py's)")
     p.add_argument("--max-seq", action="store_true", help="find the longest sequence each system trains a step at")
@@ -84,14 +86,16 @@ class Ours(System):
             argv += ["--checkpoint.initial_load_path", hf_weights, "--checkpoint.initial_load_in_hf"]
         self.job_config = parse_config(argv + args.override)
         self.spec, self.model_args, self.parallel_dims, self.recipe = validate(self.job_config)
-        self.device = device
+        self.device, self.doc_len = device, args.doc_len
         self.model = build_model(self.spec, self.model_args, self.parallel_dims, self.job_config, device)
         self.optimizers = build_optimizers([self.model], self.job_config.optimizer, self.parallel_dims)
         self.lr_schedulers = build_lr_schedulers(self.optimizers, self.job_config.lr_scheduler, 10**6)
 
     def step(self, inputs, labels):
-        batch = {"input_ids": inputs, "labels": labels,
-                 "position_ids": torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)}
+        positions = torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)
+        batch = {"input_ids": inputs, "labels": labels, "position_ids": positions}
+        if self.doc_len:
+            batch.update(position_ids=positions % self.doc_len, document_ids=positions // self.doc_len)
         result = train.train_step(self.model, self.recipe, [batch], self.parallel_dims, self.optimizers,
                                   self.lr_schedulers, self.job_config, self.device)
         return result[0]
@@ -240,7 +244,7 @@ def reset_memory(device):
 def run_speed(args, device, model_args):
     seq, rows = args.seq, []
     batch = random_batch(seq, model_args.vocab_size, device)
-    flops = model_args.flops_per_token(seq)
+    flops = model_args.flops_per_token(args.doc_len or seq)  # attention spans one document
     hf_weights = None
     names = [s for s in SYSTEMS if s in args.systems.split(",")]
     if "hf" in names and "ours" in names:  # same weights for both: first-step losses must agree
@@ -366,6 +370,7 @@ def profile(system, batch, device, path):
     events = prof.key_averages()
     with open(path, "w") as f:
         f.write(events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
+    prof.export_chrome_trace(os.path.splitext(path)[0] + ".trace.json")  # for chrome://tracing or Perfetto
     groups = {}
     for e in events:
         t = getattr(e, "self_device_time_total", 0) or 0
@@ -422,6 +427,8 @@ def main(argv):
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown --systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if args.doc_len and args.systems != "ours":
+        raise SystemExit(f"--doc-len {args.doc_len} times ours only (the others take no document mask); add --systems ours")
     if args.sdpa:
         from torch.nn.attention import SDPBackend
 

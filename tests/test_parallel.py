@@ -38,7 +38,7 @@ def overrides(hf_dir: str | None, dump: str, layout: dict, extra=()) -> list[str
         "--parallelism.context_parallel_degree", str(layout.get("cp", 1)),
         "--parallelism.tensor_parallel_degree", str(layout.get("tp", 1)),
     ]
-    return args + list(extra)
+    return args + list(layout.get("flags", ())) + list(extra)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -81,14 +81,23 @@ def reference(hf_dir, tmp_path_factory):
     return run_on_ranks(1, train_layouts, [overrides(hf_dir, dump, {})])[0]
 
 
+COMPILE_FULL_AC = ["--compile.enable", "--activation_checkpoint.mode", "full"]
+COMPILE_OP_AC = ["--compile.enable", "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]
+
 LAYOUTS = {
     # dp2 with micro-batches of 1 row: gradient accumulation over 2 micro-batches must stay exact.
     2: {"dp2+accum2": {"dp_shard": 2, "local_batch": 1}, "tp2": {"tp": 2}, "cp2": {"cp": 2}},
-    # cp4 with 2 kv heads: kv heads are replicated up to cp before the exchange.
+    # cp4 with 2 kv heads: kv heads are replicated up to cp before the exchange. Per-op selective
+    # checkpointing is wrapped before compile (the other modes after): TP and CP both under it.
     4: {"dp2xcp2": {"dp_shard": 2, "cp": 2}, "tp2xcp2": {"tp": 2, "cp": 2},
-        "hsdp2x2": {"dp_replicate": 2, "dp_shard": 2}, "cp4": {"cp": 4}},
-    # From a seeded random init: drawn whole and then sharded, it must not depend on the layout.
-    8: {"dp2xtp2xcp2 random init": {"dp_shard": 2, "tp": 2, "cp": 2, "random_init": True}},
+        "hsdp2x2": {"dp_replicate": 2, "dp_shard": 2}, "cp4": {"cp": 4},
+        "tp2xcp2+compile+op-ac": {"tp": 2, "cp": 2, "flags": COMPILE_OP_AC}},
+    8: {
+        # From a seeded random init: drawn whole and then sharded, it must not depend on the layout.
+        "dp2xtp2xcp2 random init": {"dp_shard": 2, "tp": 2, "cp": 2, "random_init": True},
+        # The full stack: TP + CP + FSDP with compiled, checkpointed blocks.
+        "dp2xtp2xcp2+compile+ac": {"dp_shard": 2, "tp": 2, "cp": 2, "flags": COMPILE_FULL_AC},
+    },
 }
 
 
@@ -102,12 +111,8 @@ def reference_random_init(tmp_path_factory):
 def test_layouts_match_one_process(world_size, hf_dir, reference, reference_random_init, tmp_path):
     names = list(LAYOUTS[world_size])
     cases = [overrides(hf_dir, str(tmp_path / n), LAYOUTS[world_size][n]) for n in names]
-    if world_size == 8:  # the full stack: TP + CP + FSDP with compiled, checkpointed blocks
-        names.append("dp2xtp2xcp2+compile+ac")
-        cases.append(overrides(hf_dir, str(tmp_path / "compiled"), {"dp_shard": 2, "tp": 2, "cp": 2},
-                               ["--compile.enable", "--activation_checkpoint.mode", "full"]))
     for name, result in zip(names, run_on_ranks(world_size, train_layouts, cases)):
-        if LAYOUTS[world_size].get(name, {}).get("random_init"):
+        if LAYOUTS[world_size][name].get("random_init"):
             # The debug flavor is 30x the tiny model: fp32 sums over more terms in another order
             # differ by ~2e-5 (measured); a wrong init or shard would be off by O(1).
             assert_matches_reference(result, reference_random_init, name, rtol=1e-4)

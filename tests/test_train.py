@@ -78,6 +78,8 @@ def _error_cases(tmp) -> dict[str, list[str]]:
         "bad model name": ["--job.config_file", CONFIG, "--model.name", "llama"],
         "bad int value": ["--job.config_file", CONFIG, "--training.steps", "abc"],
         "bad choice": ["--job.config_file", CONFIG, "--activation_checkpoint.mode", "bogus"],
+        "bad checkpointing option": ["--job.config_file", CONFIG, "--activation_checkpoint.mode", "selective",
+                                     "--activation_checkpoint.selective_ac_option", "ops"],
         "missing config file": ["--job.config_file", str(tmp / "nonexistent.toml")],
         "impossible parallel layout": ["--job.config_file", CONFIG, "--parallelism.tensor_parallel_degree", "3"],
         "bad dataset path": ["--job.config_file", CONFIG, "--training.dataset_path", str(tmp / "nothing.jsonl")],
@@ -89,7 +91,7 @@ def _error_cases(tmp) -> dict[str, list[str]]:
 MUST_NAME = {
     "unknown CLI key": "bogus_key", "unknown CLI section": "bogus_section", "unknown TOML key": "bogus_key",
     "unknown TOML section": "bogus_section", "bad flavor": "13B", "bad model name": "llama", "bad int value": "abc",
-    "bad choice": "bogus", "missing config file": "nonexistent.toml", "impossible parallel layout": "world_size=1",
+    "bad choice": "bogus", "bad checkpointing option": "'ops'", "missing config file": "nonexistent.toml", "impossible parallel layout": "world_size=1",
     "bad dataset path": "nothing.jsonl", "broken TOML": "line 1", "bad TOML value": "abc",
 }
 CASES = list(MUST_NAME)

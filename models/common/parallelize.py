@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from parallelisms.activation_checkpoint import apply_ac
+from parallelisms.activation_checkpoint import apply_ac, is_per_op
 from parallelisms.compile import apply_compile
 from parallelisms.fsdp import apply_fsdp
 from parallelisms.parallel_dims import ParallelDims
@@ -21,10 +21,15 @@ def parallelize_decoder(model: nn.Module, parallel_dims: ParallelDims, job_confi
         for block in model.layers.values():
             block.attention.cp_group = cp_group
     # Compile before checkpoint-wrapping: the other order fails under TP (DESIGN.md traps).
+    # Per-op selective checkpointing is the exception: the compiler enforces its policy.
+    ac = job_config.activation_checkpoint
+    per_op = is_per_op(ac.mode, ac.selective_ac_option)
+    if per_op:
+        apply_ac(model, ac.mode, ac.selective_ac_option)
     if job_config.compile.enable:
         apply_compile(model, job_config.compile.backend)
-    ac = job_config.activation_checkpoint
-    apply_ac(model, ac.mode, ac.selective_ac_option)
+    if not per_op:
+        apply_ac(model, ac.mode, ac.selective_ac_option)
     # FSDP last, over whatever wrappers the blocks now wear; dp and cp ranks shard the weights.
     if parallel_dims.fsdp_enabled or torch.cuda.is_available():
         param_dtype = torch.bfloat16 if job_config.training.mixed_precision_param == "bfloat16" else torch.float32
