@@ -5,6 +5,7 @@ Scripts (conversion, log-probs, bench) import these instead of train.py, which o
 into the training loop."""
 
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -16,7 +17,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from components.checkpoint import CheckpointError, init_weights
 from components.config import ConfigError, JobConfig
-from models import get_model_spec
+from models import MODELS, get_model_spec
 from models.common.decoder import Decoder
 from parallelisms.activation_checkpoint import blocks_to_checkpoint
 from parallelisms.parallel_dims import ParallelDims
@@ -36,9 +37,31 @@ def validate(job_config: JobConfig):
         raise ConfigError(str(e)) from None
 
 
+def model_spec_and_args(job_config: JobConfig):
+    """The family's ModelSpec and the flavor's DecoderArgs; a bad name, flavor or config.json is a ConfigError."""
+    try:
+        spec = get_model_spec(job_config.model.name)
+        return spec, spec.args_for(job_config.model.flavor)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def hf_folder_args(hf_dir: str) -> list[str]:
+    """Job-config arguments that make the Hugging Face folder hf_dir the model (family from its
+    config.json, dimensions, tokenizer) and its initial weights."""
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{hf_dir!r} has no config.json; point at a Hugging Face model folder")
+    with open(config_path) as f:
+        family = json.load(f).get("model_type")
+    if family not in MODELS:
+        raise ConfigError(f"{config_path}: model_type={family!r} is not supported; supported: {', '.join(sorted(MODELS))}")
+    return ["--model.name", family, "--model.flavor", hf_dir, "--model.hf_assets_path", hf_dir,
+            "--checkpoint.initial_load_path", hf_dir, "--checkpoint.initial_load_in_hf"]
+
+
 def _validate(job_config: JobConfig):
-    spec = get_model_spec(job_config.model.name)
-    model_args = spec.args_for(job_config.model.flavor)
+    spec, model_args = model_spec_and_args(job_config)
     p = job_config.parallelism
     parallel_dims = ParallelDims(
         dp_replicate=p.data_parallel_replicate_degree,
@@ -58,7 +81,7 @@ def _validate(job_config: JobConfig):
     return spec, model_args, parallel_dims, recipe
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,7 +90,7 @@ def _free_port() -> int:
 def init_distributed(job_config: JobConfig) -> torch.device:
     """NCCL on GPUs, gloo on CPU; also a 1-process group so one code path serves every layout."""
     if "WORLD_SIZE" not in os.environ:  # plain `python train.py`: a 1-process group on a free port
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -200,20 +200,21 @@ def save_dcp_model(model: nn.Module, path: str) -> None:
     """A model-only DCP checkpoint, keys as in a training checkpoint; written to `path.partial`
     and renamed, so `path` exists only once complete."""
     partial = path.rstrip("/") + ".partial"
-    if _rank() == 0 and os.path.exists(partial):
+    if global_rank() == 0 and os.path.exists(partial):
         shutil.rmtree(partial)
-    _barrier()
+    barrier()
     dcp.save(get_model_state_dict(model), checkpoint_id=partial)
-    if _rank() == 0:
+    if global_rank() == 0:
         os.rename(partial, path)
-    _barrier()
+    barrier()
 
 
-def _rank() -> int:
+def global_rank() -> int:
+    """This process's rank; 0 without a process group (the checks and helpers also run outside one)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -368,14 +369,14 @@ class Checkpointer:
 
     def _remove(self, paths: list[str]) -> None:
         """Collective: every rank listed the folders before rank 0 deletes any."""
-        _barrier()
-        if _rank() == 0:
+        barrier()
+        if global_rank() == 0:
             for path in paths:
                 metadata = os.path.join(path, ".metadata")
                 if os.path.exists(metadata):
                     os.remove(metadata)  # first: a kill during rmtree must not leave a "complete" folder
                 shutil.rmtree(path, ignore_errors=True)
-        _barrier()
+        barrier()
 
     def close(self) -> None:
         self.manager.close()

@@ -12,12 +12,11 @@ import os
 import shutil
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from components.checkpoint import CheckpointError
+from components.checkpoint import CheckpointError, barrier, global_rank
 from models.common.args import args_to_hf_config
 from recipes.data import DataError, HFTokenizer, pack_greedy
 
@@ -70,7 +69,7 @@ def export_hf(model, spec, model_args, out_dir: str, dtype: str, assets_path: st
     if dtype not in DTYPES:
         raise CheckpointError(f"export dtype {dtype!r} is not one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = global_rank() == 0
     if os.path.exists(out_dir) and not overwrite:
         raise CheckpointError(f"{out_dir} already exists; remove it or choose another output folder")
     hf_state = spec.state_dict_adapter(model_args).to_hf(get_model_state_dict(model))
@@ -99,5 +98,4 @@ def export_hf(model, spec, model_args, out_dir: str, dtype: str, assets_path: st
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(partial, out_dir)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()

@@ -38,15 +38,7 @@ from recipes.policy import EXTRA_FIELDS  # noqa: E402
 def config_args(model_dir: str | None, input_path: str, overrides: list[str]) -> list[str]:
     """Job-config arguments: the policy recipe on the input, the HF model folder if given, then overrides."""
     args = ["--recipe.name", "policy", "--training.dataset_path", input_path, "--training.dataset", "json"]
-    if model_dir:
-        config_path = os.path.join(model_dir, "config.json")
-        if not os.path.isfile(config_path):
-            raise ConfigError(f"--model-dir {model_dir!r} has no config.json; point it at a Hugging Face model folder")
-        with open(config_path) as f:
-            family = json.load(f).get("model_type", "qwen3")
-        args += ["--model.name", family, "--model.flavor", model_dir, "--model.hf_assets_path", model_dir,
-                 "--checkpoint.initial_load_path", model_dir, "--checkpoint.initial_load_in_hf"]
-    return args + overrides
+    return args + (build.hf_folder_args(model_dir) if model_dir else []) + overrides
 
 
 def use_run_checkpoint(job_config) -> None:

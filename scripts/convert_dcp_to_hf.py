@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
+from components import build  # noqa: E402
 from components.checkpoint import CheckpointError, resolve_dcp_path  # noqa: E402
 from components.config import parse_config  # noqa: E402
 from components.hf_export import export_hf  # noqa: E402
@@ -51,12 +52,8 @@ def main(argv: list[str]) -> None:
                         help="the training job's TOML (model.name, model.flavor, model.hf_assets_path)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: checkpoint.export_dtype")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        convert(args.dcp_dir, args.hf_dir, ["--job.config_file", args.config_file, *overrides], args.dtype)
-    except ValueError as e:  # CheckpointError, ConfigError and the model's own refusals: one line each
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    convert(args.dcp_dir, args.hf_dir, ["--job.config_file", args.config_file, *overrides], args.dtype)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    build.run_command(main, sys.argv[1:])

@@ -13,7 +13,6 @@ Under torchrun each rank reads and writes only its FSDP shard.
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -26,30 +25,13 @@ from components import build  # noqa: E402
 from components.checkpoint import CheckpointError, save_dcp_model  # noqa: E402
 from components.config import parse_config  # noqa: E402
 from components.hf_export import TOKENIZER_FILES  # noqa: E402
-from models import MODELS, get_model_spec  # noqa: E402
 from parallelisms.parallel_dims import ParallelDims  # noqa: E402
-
-
-def hf_job_config(hf_dir: str):
-    """A job whose model is the HF folder: family from config.json, weights loaded and checked."""
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{hf_dir!r} has no config.json; point HF_DIR at a Hugging Face model folder")
-    with open(config_path) as f:
-        family = json.load(f).get("model_type")
-    if family not in MODELS:
-        raise CheckpointError(f"{config_path}: model_type={family!r} is not supported; supported: {', '.join(sorted(MODELS))}")
-    job_config = parse_config(["--model.name", str(family), "--model.flavor", hf_dir, "--model.hf_assets_path", hf_dir])
-    ckpt = job_config.checkpoint
-    ckpt.enable, ckpt.initial_load_path, ckpt.initial_load_in_hf = False, hf_dir, True
-    return job_config
 
 
 def build_single_layout_model(job_config):
     """The job's model, FSDP-sharded over however many ranks run this (no TP/CP, no compile:
     parameter names are the same under every layout), filled by components.build.build_model."""
-    spec = get_model_spec(job_config.model.name)
-    model_args = spec.args_for(job_config.model.flavor)
+    spec, model_args = build.model_spec_and_args(job_config)
     job_config.compile.enable, job_config.activation_checkpoint.mode = False, "none"
     device = build.init_distributed(job_config)
     parallel_dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, world_size=dist.get_world_size())
@@ -59,7 +41,7 @@ def build_single_layout_model(job_config):
 def convert(hf_dir: str, dcp_dir: str) -> None:
     if os.path.exists(dcp_dir):
         raise CheckpointError(f"{dcp_dir} already exists; remove it or choose another output folder")
-    job_config = hf_job_config(hf_dir)
+    job_config = parse_config(build.hf_folder_args(hf_dir))  # weights loaded and checked from HF_DIR
     try:
         _, _, model = build_single_layout_model(job_config)
         save_dcp_model(model, dcp_dir)
@@ -78,12 +60,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder (config.json + *.safetensors)")
     parser.add_argument("dcp_dir", metavar="DCP_DIR", help="output folder; must not exist yet")
     args = parser.parse_args(argv)
-    try:
-        convert(args.hf_dir, args.dcp_dir)
-    except ValueError as e:  # CheckpointError, ConfigError and the model's own refusals: one line each
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    convert(args.hf_dir, args.dcp_dir)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    build.run_command(main, sys.argv[1:])

@@ -20,14 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import train
+from components.build import run_command
 from components.checkpoint import CheckpointError, latest_step, load_dcp_model, resolve_dcp_path
 from components.config import parse_config
 from models import get_model_spec
 from models.common.decoder import Decoder
 from scripts import convert_dcp_to_hf, convert_hf_to_dcp
+from tests.conftest import ROOT
 from tests.distributed_harness import run_on_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 ENV = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 STEPS = 6
@@ -98,11 +99,11 @@ def _forget_process_group_env() -> None:
 
 
 def convert(script, argv: list[str]) -> None:
-    """A conversion command, in this process (its __main__ is one call to main(argv)): it starts
-    and ends a 1-rank process group; each call gets a fresh port."""
+    """A conversion command, in this process, as its __main__ runs it: it starts and ends a 1-rank
+    process group; each call gets a fresh port."""
     _forget_process_group_env()
     try:
-        script.main(argv)
+        run_command(script.main, argv)
     finally:
         _forget_process_group_env()
 
