@@ -7,7 +7,6 @@ hanging CI for gloo's default 30 minutes."""
 
 import os
 import pickle
-import socket
 import tempfile
 from datetime import timedelta
 
@@ -15,13 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from components.build import free_port
+
 TIMEOUT = timedelta(seconds=90)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, use_gpus: bool, port: int, out_path: str, fn, args) -> None:
@@ -52,7 +47,7 @@ def run_on_ranks(world_size: int, fn, *args, use_gpus: bool = False):
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "result.pkl")
         mp.start_processes(
-            _worker, args=(world_size, use_gpus, _free_port(), out_path, fn, args),
+            _worker, args=(world_size, use_gpus, free_port(), out_path, fn, args),
             nprocs=world_size, start_method="spawn",
         )
         with open(out_path, "rb") as f:

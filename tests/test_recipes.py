@@ -25,15 +25,16 @@ import torch
 import torch.distributed as dist
 
 import train
+from components.build import free_port
 from components.config import parse_config
 from models.common.loss import IGNORE_INDEX
 from recipes import build_recipe
 from recipes.data import DataError, PackedStream, collate, pack_row
 from recipes.policy import EXTRA_FIELDS
 from scripts import compute_logprobs as logprobs_script
-from tests.distributed_harness import _free_port, run_on_ranks
+from tests.conftest import ROOT
+from tests.distributed_harness import run_on_ranks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
 COMMON = ["--metrics.log_freq", "1", "--metrics.no-enable-tensorboard", "--comm.init_timeout_seconds", "120"]
 
@@ -41,7 +42,7 @@ COMMON = ["--metrics.log_freq", "1", "--metrics.no-enable-tensorboard", "--comm.
 @contextlib.contextmanager
 def rank_env():
     """The environment torchrun gives a 1-process job (on a free port), restored afterwards."""
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -251,8 +252,8 @@ def test_policy_logprobs_dp2_cp2_script(hf_dir, rollouts_path, reference_logprob
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
            "scripts/compute_logprobs.py", "--model-dir", hf_dir, "--input", rollouts_path, "--output", out,
            "--training.seq_len", "64", "--comm.init_timeout_seconds", "120", *layout_args(cp=2)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_logprobs_match([r["response_logprobs"] for r in logprobs_script.read_jsonl(out)], reference_logprobs, "dp2xcp2")
 
@@ -317,7 +318,7 @@ def test_run_train_sh_debug_config_two_ranks(tmp_path):
     env = dict(os.environ, NGPU="2", CONFIG_FILE="train_configs/debug.toml", OMP_NUM_THREADS="1")
     cmd = ["bash", "scripts/run_train.sh", "--training.steps", "2", "--training.seq_len", "64",
            "--job.dump_folder", str(tmp_path), *COMMON]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)

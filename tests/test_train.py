@@ -4,7 +4,6 @@ non-zero with one line."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -16,17 +15,10 @@ CONFIG = os.path.join(ROOT, "train_configs", "debug.toml")
 METRIC_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu", "memory_gib"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """python ARGS from the repo root, as one process (no WORLD_SIZE from the caller). A free
-    MASTER_PORT: train.py's default 29500 may be taken by another job on the machine."""
+    """python ARGS from the repo root, as one process: without WORLD_SIZE from the caller,
+    train.py makes its own 1-process group on a free port."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["MASTER_PORT"] = str(free_port())
     env["PYTHONWARNINGS"] = "ignore"  # stderr then holds only what train.py itself says
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

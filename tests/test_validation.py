@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from parallelisms.parallel_dims import ParallelDims
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
