@@ -71,6 +71,14 @@ class Recipe:
     messages_field: str = "messages"
     """sft: the column that holds a record's chat turns ([{"role": ..., "content": ...}, ...])."""
 
+    chat_template_kwargs: dict[str, bool | int | float | str] = field(default_factory=dict)
+    """sft, and policy with apply_chat_template: extra variables of the model's chat template, a
+    TOML table such as {enable_thinking = false} (CLI: --recipe.chat_template_kwargs enable_thinking False)."""
+
+    apply_chat_template: bool = False
+    """policy: render "prompt"/"response" text with the model's chat template (the prompt as the
+    user turn with the generation prompt, the response as the assistant turn) before tokenizing."""
+
     loss_chunk_size: int = 4096
     """Tokens per chunk of the chunked cross-entropy: the logits of one chunk exist at a time."""
 
@@ -138,6 +146,9 @@ def _type_ok(value, annotation) -> bool:
         return isinstance(value, str)
     if origin is list or annotation is list:
         return isinstance(value, list)
+    if origin is dict:
+        key_type, value_type = get_args(annotation)
+        return isinstance(value, dict) and all(_type_ok(k, key_type) and _type_ok(v, value_type) for k, v in value.items())
     return True
 
 

@@ -79,8 +79,8 @@ class HFTokenizer:
             raise DataError(f"no tokenizer.json in model.hf_assets_path={assets_path!r}; point it at an HF tokenizer folder")
         self.tokenizer = Tokenizer.from_file(path)
         config_path = os.path.join(assets_path, "tokenizer_config.json")
-        config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
-        eos = config.get("eos_token") or "<|endoftext|>"
+        self.config = json.load(open(config_path)) if os.path.isfile(config_path) else {}  # also read by recipes/chat.py
+        eos = self.config.get("eos_token") or "<|endoftext|>"
         eos = eos["content"] if isinstance(eos, dict) else eos
         self.eos_id = self.tokenizer.token_to_id(eos)
         if self.eos_id is None:

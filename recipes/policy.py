@@ -2,8 +2,10 @@
 
 A rollout is one JSON line:
     {"prompt_ids": [...], "response_ids": [...], "advantage": float, "old_logprobs": [...]}
-("prompt"/"response" text instead of ids when model.hf_assets_path holds a tokenizer;
-old_logprobs is optional: one per response token, from the sampler or scripts/compute_logprobs.py).
+("prompt"/"response" text instead of ids when model.hf_assets_path holds a tokenizer; old_logprobs
+is optional: one per response token, from the sampler or scripts/compute_logprobs.py). With
+recipe.apply_chat_template, text is rendered with the model's chat template (recipes/chat.py): the
+prompt as the user turn, the response as the assistant's (without the <|im_end|> the template adds).
 
 Per response token, with ratio r = exp(log p - old log p) and the rollout's advantage A:
     loss = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)     (PPO, Schulman et al. 2017, arXiv:1707.06347)
@@ -23,6 +25,7 @@ import os
 import torch
 
 from models.common.loss import IGNORE_INDEX, chunked_token_logprobs
+from recipes.chat import ChatTemplate
 from recipes.data import DataError, HFTokenizer, PackedStream, load_documents
 
 EXTRA_FIELDS = ("advantages", "old_logprobs")  # per-token floats packed next to the tokens
@@ -37,6 +40,11 @@ class PolicyRecipe:
         self.vocab_size = self.tokenizer.vocab_size if self.tokenizer else 0
         self.pad_id = self.tokenizer.eos_id if self.tokenizer else 0
         self.clip_eps = job_config.recipe.clip_eps
+        self.chat = None  # with recipe.apply_chat_template: prompt/response text through the model's template
+        if job_config.recipe.apply_chat_template:
+            if self.tokenizer is None:
+                raise DataError(f"recipe.apply_chat_template needs a tokenizer.json in model.hf_assets_path={assets!r}")
+            self.chat = ChatTemplate(self.tokenizer, assets, job_config.recipe.chat_template_kwargs)
         training = job_config.training
         self.documents = load_documents(training.dataset_path, training.dataset, text_field=None)
         check_columns(self.documents.column_names, training.dataset_path)
@@ -51,7 +59,10 @@ class PolicyRecipe:
 
     def encode(self, record: dict) -> tuple[list[int], list[int], list[float], list[float]]:
         """(tokens, labels, advantages, old_logprobs): labels mark the response tokens."""
-        prompt, response = self.token_ids(record, "prompt"), self.token_ids(record, "response")
+        if self.chat is not None and record.get("prompt_ids") is None and record.get("response_ids") is None:
+            prompt, response = map(self.tokenizer.encode, self.chat.prompt_and_response(record["prompt"], record["response"]))
+        else:
+            prompt, response = self.token_ids(record, "prompt"), self.token_ids(record, "response")
         if not prompt:
             raise DataError("a rollout has an empty prompt; the first response token needs at least one token before it")
         if record.get("advantage") is None:

@@ -26,8 +26,11 @@ class PretrainRecipe:
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """(sum of token losses on this rank's tokens, no recipe metrics)."""
-        head = functools.partial(
-            chunked_cross_entropy_sum, labels=batch["labels"], chunk_size=self.job_config.recipe.loss_chunk_size
-        )
-        loss = model(batch["input_ids"], batch["position_ids"], batch.get("document_ids"), head=head)
-        return loss, {}
+        return next_token_loss_sum(model, batch, self.job_config.recipe.loss_chunk_size), {}
+
+
+def next_token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Sum of the cross-entropy of every labelled token on this rank (pretraining and SFT: only
+    their labels differ); the logits exist one chunk at a time, inside the model's forward."""
+    head = functools.partial(chunked_cross_entropy_sum, labels=batch["labels"], chunk_size=chunk_size)
+    return model(batch["input_ids"], batch["position_ids"], batch.get("document_ids"), head=head)

@@ -1,26 +1,32 @@
-"""Supervised fine-tuning on chat records: Qwen's chat format, loss on assistant turns only.
+"""Supervised fine-tuning on chat records: the model's own chat template, loss on the assistant's tokens.
 
-A record is {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]},
-rendered the way Qwen's chat template renders plain turns (no default system prompt is added):
-    <|im_start|>{role}\\n{content}<|im_end|>\\n
-The model learns each assistant turn's content and its closing <|im_end|> (where it must stop);
-role headers, the other turns and the newline after <|im_end|> carry no loss. Labels are shifted
-on the whole conversation before packing, so they shard with the tokens under any dp/tp/cp layout.
+A record is {"messages": [...], "tools": [...]?} with the messages as the template reads them:
+{"role", "content"}, and for Qwen3's template also "reasoning_content", "tool_calls" and "tool"
+messages. recipes/chat.py renders it with model.hf_assets_path's template and marks the tokens the
+assistant writes (thinking block, tool calls, answer and the closing <|im_end|>); role headers,
+the other turns and the newline after <|im_end|> carry no loss. Labels are shifted on the whole
+conversation before packing, so they shard with the tokens under any dp/tp/cp layout.
+`scripts/show_sft.py` prints what this recipe trains on.
 """
 
-from models.common.loss import IGNORE_INDEX
-from recipes.data import DataError, HFTokenizer, PackedStream, load_documents
-from recipes.pretrain import PretrainRecipe
+import os
 
-ROLES = ("system", "user", "assistant")
+from components.build import log
+from models.common.loss import IGNORE_INDEX
+from recipes.chat import ChatTemplate
+from recipes.data import DataError, HFTokenizer, PackedStream, load_documents
+from recipes.pretrain import next_token_loss_sum
 
 
 class SFTRecipe:
     def __init__(self, job_config):
         self.job_config = job_config
-        self.tokenizer = HFTokenizer(job_config.model.hf_assets_path)
-        self.im_start, self.im_end = self.tokenizer.token_id("<|im_start|>"), self.tokenizer.token_id("<|im_end|>")
-        self.newline = self.tokenizer.encode("\n")
+        assets = job_config.model.hf_assets_path
+        self.tokenizer = HFTokenizer(assets)
+        self.chat = ChatTemplate(self.tokenizer, assets, job_config.recipe.chat_template_kwargs)
+        if not self.chat.from_folder:
+            log(f"{assets} has no chat template (tokenizer_config.json or chat_template.jinja): "
+                "rendering Qwen's plain <|im_start|>role ... <|im_end|> turns")
         self.field = job_config.recipe.messages_field
         training = job_config.training
         self.documents = load_documents(training.dataset_path, training.dataset, text_field=None)
@@ -28,27 +34,69 @@ class SFTRecipe:
             raise DataError(f"{training.dataset_path!r} has no column {self.field!r} (columns: "
                             f"{self.documents.column_names}); set recipe.messages_field")
         self.vocab_size = self.tokenizer.vocab_size
+        self.truncated = self.labelled = self.seen = 0  # over the current pass through the records
 
-    def encode(self, record: dict) -> tuple[list[int], list[int]]:
-        tokens, trained = [], []
-        for message in record[self.field]:
-            role = message["role"]
-            if role not in ROLES:
-                raise DataError(f"message role {role!r} is not one of {', '.join(ROLES)}; convert the record to Qwen's roles")
-            header = [self.im_start] + self.tokenizer.encode(f"{role}\n")
-            body = self.tokenizer.encode(message["content"]) + [self.im_end]
-            tokens += header + body + self.newline
-            trained += [False] * len(header) + [role == "assistant"] * len(body) + [False] * len(self.newline)
+    def tokens_and_trained(self, record: dict) -> tuple[list[int], list[bool]]:
+        """What trains on `record`: its rendered tokens, cut to training.seq_len, and which are the assistant's."""
+        tokens, trained = self.chat.encode(record.get(self.field), record.get("tools"))
         # Truncate rather than split: a split-off tail would learn replies without their prompt.
         seq_len = self.job_config.training.seq_len
-        tokens, trained = tokens[:seq_len], trained[:seq_len]
+        self.truncated += len(tokens) > seq_len
+        return tokens[:seq_len], trained[:seq_len]
+
+    def encode(self, record: dict) -> tuple[list[int], list[int]]:
+        tokens, trained = self.tokens_and_trained(record)
         # Position i predicts token i+1; it carries loss only when token i+1 is an assistant token.
         labels = [nxt if learn else IGNORE_INDEX for nxt, learn in zip(tokens[1:], trained[1:])] + [IGNORE_INDEX]
         return tokens, labels
 
+    def located(self, index: int, fn):
+        """fn(record `index`), a refusal naming the record's file and line."""
+        try:
+            return fn(self.documents[index])
+        except DataError as e:
+            raise DataError(f"{record_location(self.job_config.training.dataset_path, index)}: {e}") from None
+
+    def encode_at(self, index: int) -> tuple[list[int], list[int]]:
+        """The stream's encode: record `index`; the last record closes a pass over the data."""
+        tokens, labels = self.located(index, self.encode)
+        self.labelled += sum(label != IGNORE_INDEX for label in labels)
+        self.seen += 1
+        if index == len(self.documents) - 1:
+            self.end_pass()
+        return tokens, labels
+
+    def end_pass(self) -> None:
+        """Truncation is said once per pass, with its count; a whole pass with nothing to learn is refused."""
+        seq_len, path = self.job_config.training.seq_len, self.job_config.training.dataset_path
+        if self.truncated:
+            log(f"sft: {self.truncated} of {self.seen} conversations were cut to training.seq_len={seq_len} "
+                f"in this pass over {path}; raise seq_len to train them whole")
+        if self.seen == len(self.documents) and not self.labelled:
+            raise DataError(f"{path}: no conversation has an assistant token within training.seq_len={seq_len}; raise seq_len")
+        self.truncated = self.labelled = self.seen = 0
+
     def build_stream(self, padded_len: int) -> PackedStream:
-        return PackedStream(self.documents, self.encode, self.job_config.training.seq_len, padded_len,
+        # The stream indexes the records, so that encode_at can name the file and line of a bad one.
+        return PackedStream(range(len(self.documents)), self.encode_at, self.job_config.training.seq_len, padded_len,
                             self.tokenizer.eos_id, split_documents=False)
 
-    # The same next-token loss as pretraining; only the labels differ.
-    loss_sum = PretrainRecipe.loss_sum
+    def loss_sum(self, model, batch):
+        """(sum of token losses on this rank's tokens, no recipe metrics): pretraining's loss, other labels."""
+        return next_token_loss_sum(model, batch, self.job_config.recipe.loss_chunk_size), {}
+
+
+def record_location(path: str, index: int) -> str:
+    """"FILE:LINE" of record `index` of a JSON-lines file or folder (blank lines are skipped when
+    reading), else "record INDEX of PATH" (parquet)."""
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
+    rest = index
+    for file in files:
+        if not file.endswith((".json", ".jsonl")):
+            break
+        with open(file) as f:
+            lines = [number for number, line in enumerate(f, 1) if line.strip()]
+        if rest < len(lines):
+            return f"{file}:{lines[rest]}"
+        rest -= len(lines)
+    return f"record {index} of {path}"

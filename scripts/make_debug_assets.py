@@ -3,17 +3,77 @@
     python scripts/make_debug_assets.py
 
 A synthetic corpus with learnable structure (templated sentences, small arithmetic) and a byte-level
-BPE tokenizer trained on it, with Qwen's special tokens; chat records for the SFT recipe
-(sft.jsonl) and scored rollouts for the policy recipe (rollouts.jsonl). Nothing is downloaded."""
+BPE tokenizer trained on it, with Qwen's special tokens, Qwen3's thinking and tool-call tags and a
+Qwen3-style chat template (written here); chat records for the SFT recipe (sft.jsonl) and scored
+rollouts for the policy recipe (rollouts.jsonl). Nothing is downloaded."""
 
 import json
 import os
 import random
 import sys
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Added after training, as plain (non-special) tokens as in Qwen3's tokenizer: the BPE merges, and so
+# every corpus token id, stay what they were without them.
+TAG_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+# Qwen3's chat behaviour in a template of our own: reasoning in a <think> block for the assistant
+# turns after the last user query (an empty block for the final turn without reasoning), dropped for
+# earlier turns; tool calls as <tool_call> JSON; tool results as one user turn of <tool_response>s;
+# tools listed in the system turn; enable_thinking=false closes an empty <think> in the generation prompt.
+CHAT_TEMPLATE = """\
+{%- set tail = namespace(query=messages|length - 1, found=false) -%}
+{%- for m in messages|reverse -%}
+  {%- if not tail.found and m.role == 'user' and not (m.content is string and m.content.startswith('<tool_response>')) -%}
+    {%- set tail.query = messages|length - 1 - loop.index0 -%}
+    {%- set tail.found = true -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if tools -%}
+  {{- '<|im_start|>system\n' -}}
+  {%- if messages[0].role == 'system' %}{{ messages[0].content + '\n\n' }}{% endif -%}
+  {{- '# Tools\n\nFunction signatures, one JSON object per line:\n<tools>' -}}
+  {%- for tool in tools %}{{ '\n' + tool|tojson }}{% endfor -%}
+  {{- '\n</tools>\n\nTo call one, write {"name": ..., "arguments": ...} inside <tool_call></tool_call>.<|im_end|>\n' -}}
+{%- elif messages[0].role == 'system' -%}
+  {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for m in messages -%}
+  {%- set content = m.content if m.content is string else '' -%}
+  {%- if m.role == 'user' or (m.role == 'system' and not loop.first) -%}
+    {{- '<|im_start|>' + m.role + '\n' + content + '<|im_end|>\n' -}}
+  {%- elif m.role == 'assistant' -%}
+    {%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' -%}
+    {%- if m.reasoning_content is not string and '</think>' in content -%}
+      {%- set reasoning = content.split('</think>')[0].split('<think>')[-1] -%}
+      {%- set content = content.split('</think>')[-1] -%}
+    {%- endif -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- if loop.index0 > tail.query and (loop.last or reasoning) -%}
+      {{- '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' -}}
+    {%- endif -%}
+    {{- content.lstrip('\n') if loop.index0 > tail.query else content -}}
+    {%- for call in m.tool_calls or [] -%}
+      {%- set call = call.function or call -%}
+      {%- if content or not loop.first %}{{ '\n' }}{% endif -%}
+      {{- '<tool_call>\n{"name": "' + call.name + '", "arguments": ' -}}
+      {{- call.arguments if call.arguments is string else call.arguments|tojson -}}
+      {{- '}\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\n' -}}
+  {%- elif m.role == 'tool' -%}
+    {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{ '<|im_start|>user' }}{% endif -%}
+    {{- '\n<tool_response>\n' + content + '\n</tool_response>' -}}
+    {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\n' }}{% endif -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|im_start|>assistant\n' -}}
+  {%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif -%}
+{%- endif -%}
+"""
 NOUNS = "cat dog bird fox horse mouse river tree house city robot farmer child teacher ship garden".split()
 ADJS = "small big red green quiet loud old young bright dark happy tired clever slow fast".split()
 VERBS = "sees follows helps finds watches likes carries paints builds visits".split()
@@ -47,6 +107,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in TAG_TOKENS])
     return tokenizer
 
 
@@ -108,7 +169,8 @@ def main(out_dir: str = "assets/debug", n_docs: int = 2000, vocab_size: int = 20
             f.write(json.dumps({"text": text}) + "\n")
     train_tokenizer(texts, vocab_size).save(os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 4096}, f, indent=2)
+        json.dump({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 4096,
+                   "chat_template": CHAT_TEMPLATE}, f, indent=2)
     write_jsonl(os.path.join(out_dir, "sft.jsonl"), make_sft_records(500))
     write_jsonl(os.path.join(out_dir, "rollouts.jsonl"), make_rollouts(128))
 
