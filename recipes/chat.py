@@ -77,13 +77,18 @@ def template_roles(ast: jinja2.nodes.Template) -> set[str] | None:
         return (isinstance(node, jinja2.nodes.Getattr) and node.attr == "role") or (
             isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == "role")
 
+    def strings(node):  # 'user', ['user', 'system'] (a list of constants may be folded into one Const)
+        if isinstance(node, (jinja2.nodes.List, jinja2.nodes.Tuple)):
+            return {s for item in node.items for s in strings(item)}
+        value = node.value if isinstance(node, jinja2.nodes.Const) else None
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return {v for v in values if isinstance(v, str)}
+
     roles = set()
     for compare in ast.find_all(jinja2.nodes.Compare):
         sides = [compare.expr] + [operand.expr for operand in compare.ops]
         if any(is_role(side) for side in sides):
-            for side in sides:
-                consts = side.items if isinstance(side, (jinja2.nodes.List, jinja2.nodes.Tuple)) else [side]
-                roles |= {c.value for c in consts if isinstance(c, jinja2.nodes.Const) and isinstance(c.value, str)}
+            roles |= {s for side in sides for s in strings(side)}
     return roles or None
 
 

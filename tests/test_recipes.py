@@ -1,6 +1,6 @@
 """SFT and policy recipes on CPU, their tools and the launch script.
 
-- SFT: the labels of a known conversation, token by token; the loss under cp2 and tp2 equals 1 rank.
+- SFT: the loss under cp2 and tp2 equals 1 rank (rendering and labels: tests/test_chat_template.py).
 - Policy: per-token log-probs under cp2, tp2 and dp2 x cp2 equal 1 rank; the loss, clip fraction
   and gradients equal a direct computation with full logits from `transformers`; the importance
   ratio is 1 at the first step when the old log-probs come from the same weights.
@@ -160,39 +160,6 @@ def assert_logprobs_match(got: dict[int, list[float]] | list, want: list[list[fl
 
 
 # ---------------------------------------------------------------- SFT
-
-
-def test_sft_labels_only_on_assistant_tokens():
-    """Token by token against an independent rendering: the whole conversation tokenized at once,
-    with assistant spans found by character offsets."""
-    recipe = build_recipe(parse_config(["--job.config_file", "train_configs/debug_sft.toml"]))
-    messages = [{"role": "system", "content": "answer in one short sentence ."},
-                {"role": "user", "content": "what is 15 plus 14 ?"},
-                {"role": "assistant", "content": "15 plus 14 is 29 ."},
-                {"role": "user", "content": "count from 3 to 5 ."},
-                {"role": "assistant", "content": "count : 3 4 5 ."}]
-    text, spans = "", []
-    for m in messages:
-        header = f"<|im_start|>{m['role']}\n"
-        if m["role"] == "assistant":  # the content and its closing <|im_end|>, not the newline after it
-            spans.append((len(text) + len(header), len(text) + len(header) + len(m["content"]) + len("<|im_end|>")))
-        text += f"{header}{m['content']}<|im_end|>\n"
-    encoding = recipe.tokenizer.tokenizer.encode(text, add_special_tokens=False)
-    in_assistant = [any(s <= start < e for s, e in spans) for start, _ in encoding.offsets]
-
-    tokens, labels = recipe.encode({"messages": messages})
-    assert tokens == encoding.ids
-    for i, label in enumerate(labels):
-        want = tokens[i + 1] if i + 1 < len(tokens) and in_assistant[i + 1] else IGNORE_INDEX
-        assert label == want, f"position {i} ({encoding.tokens[i]!r}): label {label}, want {want}"
-    learned = recipe.tokenizer.tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=False)
-    assert learned == "15 plus 14 is 29 .<|im_end|>count : 3 4 5 .<|im_end|>"
-
-
-def test_sft_refuses_unknown_role():
-    recipe = build_recipe(parse_config(["--job.config_file", "train_configs/debug_sft.toml"]))
-    with pytest.raises(DataError, match="role 'tool'"):
-        recipe.encode({"messages": [{"role": "tool", "content": "x"}]})
 
 
 @pytest.fixture(scope="module")
