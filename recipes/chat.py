@@ -109,25 +109,21 @@ class ChatTemplate:
                 raise DataError(f"the chat template {name!r} of {assets_path!r} does not parse: {e.message} (line {e.lineno})") from None
             self.templates[name] = env.from_string(ast)
             self.roles[name] = template_roles(ast) if sources else CHATML_ROLES
+        if "default" not in self.templates:
+            raise DataError(f"the chat templates of {assets_path!r} are {sorted(self.templates)}; name one of them 'default'")
         special = {name: tokenizer.config.get(name) for name in SPECIAL_TOKEN_NAMES}
         special = {name: t["content"] if isinstance(t, dict) else t for name, t in special.items() if t is not None}
         self.variables = {**special, **template_kwargs}  # kwargs override special tokens, as in transformers
 
-    def pick(self, tools) -> str:
-        """The template's name: "tool_use" for a conversation with tools if there is one, else "default"."""
-        if tools is not None and "tool_use" in self.templates:
-            return "tool_use"
-        if "default" not in self.templates:
-            raise DataError(f"the folder's chat templates {sorted(self.templates)} include no 'default'; name one 'default'")
-        return "default"
-
     def render(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise DataError("messages must be a list of {\"role\": str, ...} objects")
-        name = self.pick(tools)
-        unknown = sorted({m["role"] for m in messages} - (self.roles[name] or {m["role"] for m in messages}))
+        # transformers' choice among named templates
+        name = "tool_use" if tools is not None and "tool_use" in self.templates else "default"
+        known = self.roles[name]
+        unknown = sorted({m["role"] for m in messages} - known) if known else []
         if unknown:
-            raise DataError(f"role {unknown[0]!r} is not one the chat template renders ({', '.join(sorted(self.roles[name]))})")
+            raise DataError(f"role {unknown[0]!r} is not one the chat template renders ({', '.join(sorted(known))})")
         messages = [alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
         try:
             return self.templates[name].render(messages=messages, tools=tools, documents=None,
