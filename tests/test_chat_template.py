@@ -241,7 +241,7 @@ def test_chat_template_kwargs_config(tmp_path):
     base = open(os.path.join(ROOT, "train_configs", "debug_sft.toml")).read()
     for value, ok in (("{enable_thinking = false, depth = 2}", True), ("{enable_thinking = [1]}", False)):
         path = tmp_path / "config.toml"
-        path.write_text(base.replace('[recipe]\n', f"[recipe]\nchat_template_kwargs = {value}\n"))
+        path.write_text(base.replace("chat_template_kwargs = {}", f"chat_template_kwargs = {value}"))
         if ok:
             assert parse_config(["--job.config_file", str(path)]).recipe.chat_template_kwargs == {"enable_thinking": False, "depth": 2}
         else:
