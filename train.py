@@ -14,8 +14,9 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.distributed.utils import clip_grad_norm_
 
-from components.build import build_model, init_distributed, log, loss_context, run_command, shard_for_cp, validate
-from components.checkpoint import Checkpointer
+from components.build import (build_model, init_distributed, log, loss_context, padded_seq_len, run_command,
+                              shard_for_cp, validate)
+from components.checkpoint import Checkpointer, weight_source
 from components.config import JobConfig, parse_config
 from components.metrics import MetricsLogger
 from models.common.loss import IGNORE_INDEX
@@ -66,18 +67,18 @@ def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, 
     Needs an initialized process group; leaves it alive (tests run several layouts in one group)."""
     log(f"{spec.name} {job_config.model.flavor}: {model_args.num_params() / 1e6:.1f}M params; "
         f"dp_replicate={parallel_dims.dp_replicate} dp_shard={parallel_dims.dp_shard} cp={parallel_dims.cp} tp={parallel_dims.tp}")
-    model = build_model(spec, model_args, parallel_dims, job_config, device)
+    source = weight_source(job_config)  # decided once: the run's own step, an initial load or a seed
+    model = build_model(spec, model_args, parallel_dims, job_config, device, source)
     optimizers = build_optimizers([model], job_config.optimizer, parallel_dims)
     lr_schedulers = build_lr_schedulers(optimizers, job_config.lr_scheduler, job_config.training.steps)
 
     training = job_config.training
-    multiple = parallel_dims.tp * parallel_dims.cp  # sequence parallel and Ulysses need equal chunks
-    padded_len = -(-training.seq_len // multiple) * multiple
+    padded_len = padded_seq_len(training.seq_len, parallel_dims)
     global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * parallel_dims.dp
     loader = StepLoader(recipe.build_stream(padded_len), training.local_batch_size, global_batch,
                         parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank())
     metrics = MetricsLogger(job_config, device, model_args.flops_per_token(padded_len), training.steps, dist.get_rank())
-    checkpointer = Checkpointer(job_config, model, optimizers, lr_schedulers, loader, spec, model_args)
+    checkpointer = Checkpointer(job_config, model, optimizers, lr_schedulers, loader, spec, model_args, source)
     start = checkpointer.resume()  # the last step the run's own checkpoint holds; 0 on a fresh start
     records = []
     try:

@@ -5,7 +5,6 @@ Scripts (conversion, log-probs, bench) import these instead of train.py, which o
 into the training loop."""
 
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -15,9 +14,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from components.checkpoint import CheckpointError, init_weights
+from components.checkpoint import WeightSource, check_dcp_checkpoint, load_dcp_model, weight_source
 from components.config import ConfigError, JobConfig
+from components.files import CheckpointError, log
+from components.hf import check_hf_config, load_hf_weights
 from models import MODELS, get_model_spec
+from models.common.args import read_hf_config
 from models.common.decoder import Decoder
 from parallelisms.activation_checkpoint import blocks_to_checkpoint
 from parallelisms.parallel_dims import ParallelDims
@@ -49,13 +51,14 @@ def model_spec_and_args(job_config: JobConfig):
 def hf_folder_args(hf_dir: str) -> list[str]:
     """Job-config arguments that make the Hugging Face folder hf_dir the model (family from its
     config.json, dimensions, tokenizer) and its initial weights."""
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ConfigError(f"{hf_dir!r} has no config.json; point at a Hugging Face model folder")
-    with open(config_path) as f:
-        family = json.load(f).get("model_type")
+    try:
+        family = read_hf_config(hf_dir).get("model_type")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if family not in MODELS:
-        raise ConfigError(f"{config_path}: model_type={family!r} is not supported; supported: {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"{hf_dir}/config.json: model_type={family!r} is not supported; supported: {', '.join(sorted(MODELS))}")
     return ["--model.name", family, "--model.flavor", hf_dir, "--model.hf_assets_path", hf_dir,
             "--checkpoint.initial_load_path", hf_dir, "--checkpoint.initial_load_in_hf"]
 
@@ -101,17 +104,41 @@ def init_distributed(job_config: JobConfig) -> torch.device:
     return device
 
 
-def build_model(spec, model_args, parallel_dims: ParallelDims, job_config: JobConfig, device) -> Decoder:
-    """On the meta device first, so no rank ever holds the unsharded model; then shard and fill."""
+def padded_seq_len(seq_len: int, parallel_dims: ParallelDims) -> int:
+    """seq_len rounded up to a multiple of tp * cp: sequence parallel and Ulysses split a row into
+    equal chunks (the padding is masked from the loss)."""
+    multiple = parallel_dims.tp * parallel_dims.cp
+    return -(-seq_len // multiple) * multiple
+
+
+def build_model(spec, model_args, parallel_dims: ParallelDims, job_config: JobConfig, device,
+                source: WeightSource | None = None) -> Decoder:
+    """On the meta device first, so no rank ever holds the unsharded model; then shard and fill
+    from `source` (default: the one the job config names, components.checkpoint.weight_source)."""
     with torch.device("meta"):
         model = Decoder(model_args)
     spec.parallelize_fn(model, parallel_dims, job_config)
     # FSDP's CPU offload keeps the sharded fp32 parameters in host memory from the start.
     model.to_empty(device="cpu" if job_config.training.enable_cpu_offload else device)
-    # The run's own checkpoint, else checkpoint.initial_load_path, else random: checked, one line.
-    log(init_weights(model, spec, model_args, job_config))
+    load_weights(model, spec, model_args, source or weight_source(job_config))
     model.train()
     return model
+
+
+def load_weights(model: Decoder, spec, model_args, source: WeightSource) -> None:
+    """Fill a materialized model from its weight source, every input checked first; one log line.
+    A resumed run's weights are only checked here: Checkpointer.resume reads them with the
+    optimizer and the rest of the training state, in one pass over the files."""
+    if source.kind == "resume":
+        check_dcp_checkpoint(model, source.path)
+    elif source.kind == "hf":
+        check_hf_config(spec, model_args, source.path)
+        load_hf_weights(model, spec.state_dict_adapter(model_args), source.path)
+    elif source.kind == "dcp":
+        load_dcp_model(model, source.path)
+    else:
+        model.init_weights(seed=source.seed)
+    log(source.log_line())
 
 
 def shard_for_cp(batch: dict, parallel_dims: ParallelDims) -> dict:
@@ -126,11 +153,6 @@ def loss_context(parallel_dims: ParallelDims, job_config: JobConfig):
     if parallel_dims.tp > 1 and not job_config.parallelism.disable_loss_parallel:
         return loss_parallel()
     return contextlib.nullcontext()
-
-
-def log(message: str) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(message, flush=True)
 
 
 def run_command(main, argv: list[str]) -> None:

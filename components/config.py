@@ -53,7 +53,7 @@ class Training(TitanTraining):
 class Checkpoint(TitanCheckpoint):
     export_interval: int = 0
     """Export a Hugging Face folder to {dump_folder}/hf/step-N every N steps (0: never); in
-    export_dtype. last_save_in_hf exports at the last step. See components/hf_export.py."""
+    export_dtype. last_save_in_hf exports at the last step. See components/hf.py."""
 
     export_max_shard_gb: float = 5.0
     """Largest safetensors file of an HF export, in GB (like transformers' max_shard_size)."""

@@ -1,14 +1,31 @@
-"""Recipes: what one training step computes from a batch.
+"""Recipes: what one training step computes from a batch (docs/design.md, "Recipes")."""
 
-A recipe has `vocab_size` (its tokenizer's; 0 when it needs none), `build_stream(padded_len)`
-(a PackedStream of rows) and `loss_sum(model, batch)` on this rank's tokens, returning
-(sum of token losses, metric_sums): train_step divides the loss by the GLOBAL count of labelled
-tokens (labels != IGNORE_INDEX) and reports each metric sum (a per-token quantity summed over
-labelled tokens, e.g. the policy's clip fraction) as a mean over the global batch.
-"""
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from recipes.data import PackedStream
 
 
-def build_recipe(job_config):
+class Recipe(Protocol):
+    """What train.py asks of a recipe; pretrain, sft and policy satisfy it structurally."""
+
+    vocab_size: int  # its tokenizer's (0 when it needs none); validate refuses one above the model's
+
+    def build_stream(self, padded_len: int) -> "PackedStream":
+        """The rows it trains on, each padded_len tokens (components.build.padded_seq_len)."""
+        ...
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(sum of token losses on this rank's tokens, metric_sums). train_step divides the loss by
+        the GLOBAL count of labelled tokens (labels != IGNORE_INDEX) and reports each metric sum (a
+        per-token quantity summed over labelled tokens, e.g. the policy's clip fraction) as a mean
+        over the global batch."""
+        ...
+
+
+def build_recipe(job_config) -> Recipe:
     from recipes.policy import PolicyRecipe
     from recipes.pretrain import PretrainRecipe
     from recipes.sft import SFTRecipe

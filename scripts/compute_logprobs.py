@@ -28,7 +28,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 from components import build  # noqa: E402
-from components.checkpoint import checkpoint_folder, resume_step  # noqa: E402
+from components.checkpoint import weight_source  # noqa: E402
 from components.config import ConfigError, parse_config  # noqa: E402
 from models.common.loss import IGNORE_INDEX  # noqa: E402
 from recipes.data import collate, pack_greedy, pack_row  # noqa: E402
@@ -39,16 +39,6 @@ def config_args(model_dir: str | None, input_path: str, overrides: list[str]) ->
     """Job-config arguments: the policy recipe on the input, the HF model folder if given, then overrides."""
     args = ["--recipe.name", "policy", "--training.dataset_path", input_path, "--training.dataset", "json"]
     return args + (build.hf_folder_args(model_dir) if model_dir else []) + overrides
-
-
-def use_run_checkpoint(job_config) -> None:
-    """With checkpoint.enable, score the run's own latest (or load_step) checkpoint. build_model
-    leaves a resumed run's weights to the trainer's Checkpointer, so name it as a model-only load."""
-    step = resume_step(job_config)
-    if step is not None:
-        ckpt = job_config.checkpoint
-        ckpt.initial_load_path = os.path.join(checkpoint_folder(job_config), f"step-{step}")
-        ckpt.initial_load_in_hf, ckpt.initial_load_model_only, ckpt.enable = False, True, False
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -71,11 +61,11 @@ def score_row(model, recipe, row: dict, parallel_dims, job_config, device) -> to
 
 def compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts: list[dict], device) -> dict[int, list[float]]:
     """{rollout index: response log-probs} for the rows of this rank's dp group (a process group must exist)."""
-    model = build.build_model(spec, model_args, parallel_dims, job_config, device)
+    # The run's own step (checkpoint.enable) is read like any model-only checkpoint: no optimizer.
+    model = build.build_model(spec, model_args, parallel_dims, job_config, device, weight_source(job_config).model_only())
     segments = [recipe.encode(rollout) for rollout in rollouts]
-    multiple = parallel_dims.tp * parallel_dims.cp  # sequence parallel and Ulysses need equal chunks
     row_len = max([job_config.training.seq_len] + [len(s[0]) for s in segments])
-    padded_len = -(-row_len // multiple) * multiple
+    padded_len = build.padded_seq_len(row_len, parallel_dims)
     rows = pack_greedy([len(s[0]) for s in segments], row_len)  # whole rollouts, in file order
     dp, dp_rank = parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank()
     results = {}
@@ -101,7 +91,6 @@ def main(argv: list[str]) -> None:
     if not args.model_dir and not any(a.split("=")[0] == "--job.config_file" for a in overrides):
         raise ConfigError("give --model-dir HF_DIR, or --job.config_file CONFIG with the checkpoint to score")
     job_config = parse_config(config_args(args.model_dir, args.input, overrides))
-    use_run_checkpoint(job_config)
     spec, model_args, parallel_dims, recipe = build.validate(job_config)
     rollouts = read_jsonl(args.input)
     device = build.init_distributed(job_config)

@@ -20,24 +20,23 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 from components import build  # noqa: E402
-from components.checkpoint import CheckpointError, resolve_dcp_path  # noqa: E402
+from components.checkpoint import WeightSource, resolve_dcp_path  # noqa: E402
 from components.config import parse_config  # noqa: E402
-from components.hf_export import export_hf  # noqa: E402
+from components.files import refuse_existing  # noqa: E402
+from components.hf import export_hf  # noqa: E402
 from scripts.convert_hf_to_dcp import build_single_layout_model  # noqa: E402
 
 
 def convert(dcp_dir: str, hf_dir: str, config_args: list[str], dtype: str | None) -> None:
-    if os.path.exists(hf_dir):
-        raise CheckpointError(f"{hf_dir} already exists; remove it or choose another output folder")
+    refuse_existing(hf_dir)
     job_config = parse_config(config_args)
-    ckpt = job_config.checkpoint
-    ckpt.enable, ckpt.initial_load_path, ckpt.initial_load_in_hf = False, resolve_dcp_path(dcp_dir), False
+    source = WeightSource("dcp", resolve_dcp_path(dcp_dir), " (converting to Hugging Face)")
     try:
-        spec, model_args, model = build_single_layout_model(job_config)
+        spec, model_args, model = build_single_layout_model(job_config, source)
+        ckpt = job_config.checkpoint
         export_hf(model, spec, model_args, hf_dir, dtype or ckpt.export_dtype, job_config.model.hf_assets_path,
                   ckpt.export_max_shard_gb)
-        if dist.get_rank() == 0:
-            print(f"wrote {hf_dir}", flush=True)
+        build.log(f"wrote {hf_dir}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from components.build import run_command
-from components.checkpoint import CheckpointError, latest_step, load_dcp_model, resolve_dcp_path
+from components.checkpoint import CheckpointError, latest_step, load_dcp_model, resolve_dcp_path, weight_source
 from components.config import parse_config
 from models import get_model_spec
 from models.common.decoder import Decoder
@@ -273,6 +273,79 @@ def test_incomplete_checkpoint_is_never_picked(reference, tmp_path):
     assert resolve_dcp_path(folder) == os.path.join(folder, "step-2")
     with pytest.raises(CheckpointError, match="not a complete DCP checkpoint"):
         resolve_dcp_path(os.path.join(folder, "step-4"))
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+def _cut_in_half(step_folder: str) -> str:
+    """A copy cut short or a disk that filled up: the first data file loses its second half."""
+    file = sorted(glob.glob(os.path.join(step_folder, "*.distcp")))[0]
+    data = open(file, "rb").read()
+    open(file, "wb").write(data[: len(data) // 2])
+    return os.path.basename(file)
+
+
+def _contents(folder: str) -> dict[str, str]:
+    return {os.path.relpath(path, folder): digest for path, digest in hashes(folder).items()}
+
+
+@pytest.mark.slow
+def test_damaged_step_is_one_line_and_resume_falls_back(dcp_dir, reference, tmp_path, capsys):
+    """A truncated .distcp in the latest step: as initial_load_path and to convert_dcp_to_hf it is
+    one line naming the folder and file; a resumed run takes the step before it (one log line),
+    trains on exactly as the uninterrupted run, and keeps the damaged folder (moved aside, out of
+    reach of keep_latest_k and of the new step-6)."""
+    ref_losses, ref_dump = reference
+    dump = str(tmp_path / "run")
+    checkpoints = os.path.join(dump, "checkpoint")
+    shutil.copytree(os.path.join(ref_dump, "checkpoint"), checkpoints)
+    step6 = os.path.join(checkpoints, "step-6")
+    reason = f"{step6}: {_cut_in_half(step6)} is truncated"
+    damaged = _contents(step6)
+
+    fresh = train_args(dcp_dir, str(tmp_path / "fresh"), init=["--checkpoint.initial_load_path", step6])
+    to_hf = [step6, str(tmp_path / "hf"), "--job.config_file", "train_configs/debug.toml", "--model.flavor", dcp_dir]
+    for script, argv in [(train, fresh), (convert_dcp_to_hf, to_hf)]:
+        with pytest.raises(SystemExit) as exit_info:
+            convert(script, argv)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert exit_info.value.code == 2 and len(errors) == 1 and reason in errors[0] and "Traceback" not in err, err
+    assert _contents(step6) == damaged and not os.path.exists(tmp_path / "hf")
+
+    try:
+        convert(train, train_args(dcp_dir, dump, extra=["--checkpoint.keep_latest_k", "2"]))
+    finally:
+        torch.use_deterministic_algorithms(False)  # train.main set it for --debug.deterministic
+    out = capsys.readouterr().out
+    assert any(f"checkpoint {checkpoints}/step-4, the newest undamaged step" in line and reason in line
+               for line in out.splitlines()), out[-3000:]
+    got = losses(dump)
+    assert sorted(got) == [5, 6], got
+    for step, loss in got.items():  # in this process, not the reference's: threads may differ
+        assert abs(loss - ref_losses[step]) <= 1e-5 * abs(ref_losses[step]), f"step {step}: {loss} vs {ref_losses[step]}"
+    assert _contents(os.path.join(checkpoints, "damaged", "step-6")) == damaged
+    assert {"damaged", "step-4", "step-6"} <= set(os.listdir(checkpoints))  # keep_latest_k 2 purges in a thread
+    assert resolve_dcp_path(checkpoints) == step6 and _contents(step6) != damaged
+
+
+@pytest.mark.slow
+def test_unreadable_metadata_and_no_undamaged_step(reference, tmp_path):
+    """Every complete step damaged: a resume refuses (one line) instead of starting over; an
+    explicit load_step of a damaged step names it."""
+    _, ref_dump = reference
+    dump = str(tmp_path / "run")
+    folder = os.path.join(dump, "checkpoint")
+    for step in (2, 4):
+        shutil.copytree(os.path.join(ref_dump, "checkpoint", f"step-{step}"), os.path.join(folder, f"step-{step}"))
+    open(os.path.join(folder, "step-2", ".metadata"), "wb").write(b"not a pickle")
+    _cut_in_half(os.path.join(folder, "step-4"))
+    config = ["--job.config_file", "train_configs/debug.toml", "--job.dump_folder", dump, "--checkpoint.enable"]
+    with pytest.raises(CheckpointError, match=f"every complete step in {folder} is damaged; the newest: {folder}/step-4: "):
+        weight_source(parse_config(config))
+    with pytest.raises(CheckpointError, match=f"^{folder}/step-2: .metadata is unreadable"):
+        weight_source(parse_config(config + ["--checkpoint.load_step", "2"]))
 
 
 # ---------------------------------------------------------------- bad checkpoints

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
-from components.checkpoint import load_hf_weights
-from components.hf_export import export_hf
+from components.hf import export_hf, load_hf_weights
 from models import MODELS, get_model_spec
 from models.common.args import DecoderArgs, args_from_hf_config, args_to_hf_config
 from models.common.decoder import Decoder
@@ -86,7 +85,7 @@ def test_positions_and_packing_match_transformers(make_tiny_hf, family, shape):
 
 
 def test_load_hf_weights_from_meta_matches_transformers(make_tiny_hf):
-    """train.py's path: build on meta, to_empty, then components.checkpoint.load_hf_weights."""
+    """train.py's path: build on meta, to_empty, then components.hf.load_hf_weights."""
     family, shape = CASES[0]
     tiny = make_tiny_hf(family, **shape)
     spec = get_model_spec(family)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from components.checkpoint import load_hf_weights
+from components.hf import load_hf_weights
 from models import MODELS
 from models.common.args import DecoderArgs
 from models.common.decoder import Decoder

@@ -1,6 +1,7 @@
 """Decoder hyper-parameters shared by every Qwen family, and their exchange with HF config.json."""
 
-import dataclasses
+import json
+import os
 from dataclasses import dataclass
 
 
@@ -29,9 +30,6 @@ class DecoderArgs:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-
-    def replace(self, **changes) -> "DecoderArgs":
-        return dataclasses.replace(self, **changes)
 
     def num_params(self, include_embedding: bool = True) -> int:
         d, hd = self.dim, self.head_dim
@@ -66,6 +64,16 @@ _HF_FIELDS = {
     "max_position_embeddings": "max_seq_len",
     "tie_word_embeddings": "tie_embeddings",
 }
+
+
+def read_hf_config(path: str) -> dict:
+    """An HF model folder's config.json (or that file itself) as a dict; a ValueError names the file."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {file}: {' '.join(str(e).split())}") from None
 
 
 def args_from_hf_config(cfg: dict, **family_flags) -> DecoderArgs:

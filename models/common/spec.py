@@ -1,11 +1,10 @@
 """What train.py needs to know about a model family, in one record."""
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable
 
-from models.common.args import DecoderArgs, args_from_hf_config
+from models.common.args import DecoderArgs, args_from_hf_config, read_hf_config
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,7 @@ class ModelSpec:
 
 
 def args_from_hf_file(path: str, expected_family: str, family_flags: dict) -> DecoderArgs:
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_hf_config(path)
     if cfg.get("model_type") != expected_family:
         raise ValueError(f"{path} has model_type={cfg.get('model_type')!r}, expected {expected_family!r}")
     return args_from_hf_config(cfg, **family_flags)
