@@ -9,7 +9,7 @@ import torch
 from torchtitan.components.metrics import TensorBoardLogger
 from torchtitan.tools.utils import get_peak_flops
 
-H100_BF16_DENSE_FLOPS = 989.4e12  # the MFU denominator of DESIGN.md
+H100_BF16_DENSE_FLOPS = 989.4e12  # H100 SXM dense bf16: the MFU denominator (docs/design.md, flops)
 
 
 def peak_flops(device: torch.device) -> float:

@@ -54,7 +54,7 @@ def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 def apply_ac(model: nn.Module, mode: str, selective_option: str) -> None:
     """Wrap blocks in checkpoint_wrapper. Whole-block modes wrap compiled blocks (wrapping first
-    and then compiling fails under tensor parallel: DeviceMesh in saved tensors, DESIGN.md);
+    and then compiling fails under tensor parallel: DeviceMesh in saved tensors, docs/design.md);
     "op" must be wrapped BEFORE compile, because under compile the partitioner applies its
     policy (a compiled block's recompute would bypass it)."""
     policy = {}

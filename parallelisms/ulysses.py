@@ -5,7 +5,7 @@ Each cp rank holds a contiguous chunk of the sequence. Around attention, one all
 (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv:2309.14509). Both are
 `_functional_collectives.all_to_all_single`, which is differentiable (its backward is the inverse
 all-to-all) and traceable by torch.compile; a hand-written autograd op with in-place buffers
-silently produced zero q/k/v gradients under compile in another implementation (DESIGN.md).
+silently produced zero q/k/v gradients under compile in another implementation (docs/design.md).
 """
 
 import torch

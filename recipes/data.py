@@ -58,7 +58,7 @@ class _Records(list):
 def _load(files: list[str], fmt: str):
     try:
         import datasets
-    except ImportError:  # e.g. the GPU machines, which lack pyarrow: small corpora still load
+    except ImportError:  # e.g. a machine without pyarrow: small corpora still load
         if fmt == "parquet":
             raise DataError("reading parquet needs the `datasets` package (pip install datasets)") from None
         records = _Records()

@@ -11,7 +11,7 @@ Every system trains the same random batch (batch 1) with AdamW and gradient clip
 - hf: transformers' Qwen3ForCausalLM, same config, random init, bf16 parameters, SDPA;
 - torchtitan: torchtitan.models.qwen3 with its own parallelize function (per-block compile,
   compiled loss), pure bf16 parameters (its fastest single-GPU setting).
-Flops per token follow DESIGN.md (6*N_nonembedding + 6*d*V + 12*L*H*Q*T); MFU is against
+Flops per token follow docs/design.md (6*N_nonembedding + 6*d*V + 12*L*H*Q*T); MFU is against
 989.4 TFLOP/s. Times are the median of the steps after warm-up, each ending in a host sync.
 """
 
@@ -134,7 +134,7 @@ class HF(System):
 
 def _import_torchtitan_qwen3():
     # torchtitan.models.qwen3 imports its HF-datasets loader at package import; we feed random
-    # tokens and need none of it, and the GPU machines lack `datasets`. Stand in an empty module.
+    # tokens and need none of it, and a machine without `datasets` could not import it. Stand in an empty module.
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -436,7 +436,7 @@ def main(argv):
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
         attention.SDPA_BACKENDS = [names[n] for n in args.sdpa.split(",")]
     # Every system trains on random tokens, so ours never reads its corpus: skip loading it (and
-    # the `datasets` import behind it, which the GPU machines lack).
+    # the `datasets` import behind it, which a machine may lack).
     recipes.pretrain.load_documents = lambda *args, **kwargs: []
     # One process group for ours (FSDP2 on one GPU); the others ignore it.
     job_config = parse_config(["--job.config_file", args.config, "--model.flavor", args.flavor])

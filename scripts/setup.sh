@@ -2,8 +2,8 @@
 # Install what this repo needs and is missing, into the current Python (a venv or the system one).
 #   bash scripts/setup.sh          # what train.py needs (pyproject.toml [project] dependencies)
 #   bash scripts/setup.sh --test   # and what the tests need ([project.optional-dependencies] test)
-# Already-satisfied packages are left alone: a GPU machine's torch 2.11 (and its pinned triton)
-# stays; a machine without torch gets torch==2.13.0, which CPU machines here have as a local wheel.
+# Already-satisfied packages are left alone: an installed torch >= 2.11 (and its pinned triton)
+# stays; a Python without torch gets torch==2.13.0.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -45,7 +45,7 @@ class DecoderArgs:
         return n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training flops per token, torchtitan's convention (DESIGN.md):
+        """Training flops per token, torchtitan's convention (docs/design.md, flops):
         6 * non-embedding params + 6 * d * V (output projection) + 12 * L * H * Q * T (attention)."""
         n = self.num_params(include_embedding=False)
         return 6 * n + 6 * self.dim * self.vocab_size + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len

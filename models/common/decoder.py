@@ -62,7 +62,7 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
         # clone(): a compiled block whose first op is a sequence-parallel norm, fed the local view
-        # of a RowwiseParallel embedding output, gets a wrong embedding gradient (DESIGN.md traps).
+        # of a RowwiseParallel embedding output, gets a wrong embedding gradient (docs/design.md, traps).
         h = self.tok_embeddings(tokens).clone()
         rope = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype)
         mask = build_attention_mask(document_ids)

@@ -20,7 +20,7 @@ def parallelize_decoder(model: nn.Module, parallel_dims: ParallelDims, job_confi
         cp_group = parallel_dims.mesh("cp").get_group()
         for block in model.layers.values():
             block.attention.cp_group = cp_group
-    # Compile before checkpoint-wrapping: the other order fails under TP (DESIGN.md traps).
+    # Compile before checkpoint-wrapping: the other order fails under TP (docs/design.md, traps).
     # Per-op selective checkpointing is the exception: the compiler enforces its policy.
     ac = job_config.activation_checkpoint
     per_op = is_per_op(ac.mode, ac.selective_ac_option)

@@ -8,7 +8,7 @@ from parallelisms.tensor_parallel import decoder_layer_plan
 
 def qwen3_layer_plan() -> dict:
     # q/k norms act per head on head-sharded activations: their (replicated) weights must see the
-    # input as sharded on the head dim, or their gradients are silently wrong (DESIGN.md traps).
+    # input as sharded on the head dim, or their gradients are silently wrong (docs/design.md, traps).
     per_head_norm = SequenceParallel(sequence_dim=2, use_local_output=True)
     return decoder_layer_plan() | {"attention.q_norm": per_head_norm, "attention.k_norm": per_head_norm}
 
