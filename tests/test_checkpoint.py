@@ -25,7 +25,7 @@ from components.checkpoint import CheckpointError, latest_step, load_dcp_model, 
 from components.config import parse_config
 from models import get_model_spec
 from models.common.decoder import Decoder
-from scripts import convert_dcp_to_hf, convert_hf_to_dcp
+from scripts import compute_logprobs, convert_dcp_to_hf, convert_hf_to_dcp
 from tests.conftest import ROOT
 from tests.distributed_harness import run_on_ranks
 
@@ -346,6 +346,27 @@ def test_unreadable_metadata_and_no_undamaged_step(reference, tmp_path):
         weight_source(parse_config(config))
     with pytest.raises(CheckpointError, match=f"^{folder}/step-2: .metadata is unreadable"):
         weight_source(parse_config(config + ["--checkpoint.load_step", "2"]))
+
+
+@pytest.mark.slow
+def test_compute_logprobs_scores_the_runs_latest_step(dcp_dir, reference, tmp_path, capsys):
+    """compute_logprobs.py with --checkpoint.enable scores the run's own latest step, model only:
+    the same log-probs as that step named as checkpoint.initial_load_path, not those of step-4."""
+    _, ref_dump = reference
+    rollouts = str(tmp_path / "rollouts.jsonl")
+    with open(rollouts, "w") as f:
+        f.writelines(json.dumps({"prompt_ids": [5, 6, 7], "response_ids": [8, 9], "advantage": 1.0}) + "\n" for _ in range(2))
+    scored = {}
+    for name, weights in [("run", ["--job.dump_folder", ref_dump, "--checkpoint.enable"]),
+                          ("step-6", ["--checkpoint.initial_load_path", os.path.join(ref_dump, "checkpoint", "step-6")]),
+                          ("step-4", ["--checkpoint.initial_load_path", os.path.join(ref_dump, "checkpoint", "step-4")])]:
+        out = str(tmp_path / f"{name}.jsonl")
+        convert(compute_logprobs, ["--job.config_file", "train_configs/debug_policy.toml", "--input", rollouts, "--output", out,
+                                   "--model.flavor", dcp_dir, "--training.seq_len", "64", *weights])
+        scored[name] = [r["response_logprobs"] for r in compute_logprobs.read_jsonl(out)]
+    lines = capsys.readouterr().out.splitlines()
+    assert f"weights: DCP checkpoint {ref_dump}/checkpoint/step-6, model only" in lines, lines  # the "run" case
+    assert scored["run"] == scored["step-6"] != scored["step-4"]
 
 
 # ---------------------------------------------------------------- bad checkpoints
