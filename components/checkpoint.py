@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+from typing import Literal
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -132,7 +133,7 @@ def save_dcp_model(model: nn.Module, path: str, assets_from: str | None = None) 
 class WeightSource:
     """Where the weights come from; `weight_source` decides it once, before the model is built."""
 
-    kind: str  # "resume" (the run's own step: weights with optimizer, data, RNG), "hf", "dcp" or "seed"
+    kind: Literal["resume", "hf", "dcp", "seed"]  # "resume": the run's own step, with optimizer, data, RNG
     path: str | None = None  # the step folder, HF folder or DCP folder
     why: str = ""  # the rest of the log line: why this source, what was passed over
     step: int | None = None  # "resume": the last step done
