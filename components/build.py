@@ -23,7 +23,7 @@ from models.common.args import read_hf_config
 from models.common.decoder import Decoder
 from parallelisms.activation_checkpoint import blocks_to_checkpoint
 from parallelisms.parallel_dims import ParallelDims
-from parallelisms.ulysses import slice_for_cp
+from parallelisms.context_parallel import slice_for_cp
 from recipes import build_recipe
 from recipes.data import DataError
 
@@ -72,8 +72,8 @@ def _validate(job_config: JobConfig):
         cp=p.context_parallel_degree,
         tp=p.tensor_parallel_degree,
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
-    )
-    parallel_dims.validate_heads(model_args.n_heads, model_args.n_kv_heads)
+        cp_ulysses=p.context_parallel_ulysses_degree,
+    ).for_heads(model_args.n_heads, model_args.n_kv_heads)
     if p.pipeline_parallel_degree != 1 or p.expert_parallel_degree != 1:
         raise ConfigError("pipeline and expert parallel are not supported; use dp_replicate, dp_shard, cp and tp")
     ac = job_config.activation_checkpoint
@@ -105,9 +105,9 @@ def init_distributed(job_config: JobConfig) -> torch.device:
 
 
 def padded_seq_len(seq_len: int, parallel_dims: ParallelDims) -> int:
-    """seq_len rounded up to a multiple of tp * cp: sequence parallel and Ulysses split a row into
-    equal chunks (the padding is masked from the loss)."""
-    multiple = parallel_dims.tp * parallel_dims.cp
+    """seq_len rounded up so that every cp and sequence-parallel rank gets equal pieces (the
+    padding is masked from the loss)."""
+    multiple = parallel_dims.seq_multiple
     return -(-seq_len // multiple) * multiple
 
 
@@ -142,10 +142,11 @@ def load_weights(model: Decoder, spec, model_args, source: WeightSource) -> None
 
 
 def shard_for_cp(batch: dict, parallel_dims: ParallelDims) -> dict:
-    """Contiguous sequence chunks per cp rank. document_ids stay global: attention runs over the
-    full sequence after the Ulysses exchange."""
-    cp_rank = parallel_dims.mesh("cp").get_local_rank()
-    return {k: v if k == "document_ids" else slice_for_cp(v, cp_rank, parallel_dims.cp) for k, v in batch.items()}
+    """This cp rank's tokens of every per-token field, in the head-tail order of the sequence shard
+    (parallelisms/context_parallel.py). document_ids stay global: attention builds each query
+    chunk's slice of the document mask from them."""
+    cp_rank, cp, shard = parallel_dims.mesh("cp").get_local_rank(), parallel_dims.cp, parallel_dims.cp_shard
+    return {k: v if k == "document_ids" else slice_for_cp(v, cp_rank, cp, shard) for k, v in batch.items()}
 
 
 def loss_context(parallel_dims: ParallelDims, job_config: JobConfig):

@@ -36,8 +36,10 @@ class Model(TitanModel):
 
 @dataclass
 class Parallelism(TitanParallelism):
-    context_parallel_impl: Literal["ulysses"] = "ulysses"
-    """Context parallel algorithm: "ulysses" (all-to-all over heads; DeepSpeed-Ulysses)."""
+    context_parallel_ulysses_degree: int = -1
+    """How many of the context_parallel_degree ranks split attention heads (Ulysses all-to-all);
+    the rest split the sequence into head-tail chunks and all-gather K/V. -1: the largest degree
+    the local heads allow (it divides the query heads, and divides or is a multiple of the kv heads)."""
 
 
 @dataclass

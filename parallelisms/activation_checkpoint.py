@@ -3,7 +3,7 @@
 - "full": every block keeps only its input and recomputes the rest in backward.
 - "selective" with N: every N-th block as in "full", the others keep everything.
 - "selective" with "op": every block recomputes everything EXCEPT the attention kernel and the
-  context-parallel all-to-alls, whose outputs it keeps. Backward then repeats neither the
+  context-parallel collectives (all-to-alls, K/V all-gather), whose outputs it keeps. Backward then repeats neither the
   O(T^2) kernel nor any communication, for T x (H x D + H) more values per block than "full"
   (attention output and log-sum-exp): the long-context setting whenever that memory fits.
 """
@@ -25,6 +25,7 @@ _KEEP_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.higher_order.flex_attention,
     torch.ops._c10d_functional.all_to_all_single.default,
+    torch.ops._c10d_functional.all_gather_into_tensor.default,  # K/V of the sequence-sharded cp
 }
 
 

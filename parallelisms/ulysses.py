@@ -1,7 +1,8 @@
-"""Ulysses context parallelism: sequence slicing and the two all-to-all exchanges of attention.
+"""Ulysses, the head dimension of context parallelism: the two all-to-all exchanges of attention.
 
-Each cp rank holds a contiguous chunk of the sequence. Around attention, one all-to-all turns
-"local sequence, all local heads" into "full sequence, 1/cp of the heads" and one turns it back
+Each rank of a Ulysses group of cp ranks holds a piece of the group's tokens (the whole row
+without sequence sharding, parallelisms/context_parallel.py). Around attention, one all-to-all turns
+"local tokens, all local heads" into "the group's tokens, 1/cp of the heads" and one turns it back
 (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv:2309.14509). Both are
 `_functional_collectives.all_to_all_single`, which is differentiable (its backward is the inverse
 all-to-all) and traceable by torch.compile; a hand-written autograd op with in-place buffers
@@ -13,24 +14,16 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 
-def slice_for_cp(t: torch.Tensor, cp_rank: int, cp: int, dim: int = 1) -> torch.Tensor:
-    """Contiguous chunk `cp_rank` of `cp` along `dim` (labels must already be shifted globally)."""
-    if cp == 1:
-        return t
-    size = t.size(dim)
-    if size % cp:
-        raise ValueError(f"sequence length {size} is not divisible by context_parallel_degree={cp}")
-    return t.narrow(dim, cp_rank * (size // cp), size // cp)
-
-
-def kv_heads_to_send(n_kv_heads_local: int, cp: int) -> int:
-    """GQA under Ulysses: each cp rank needs the kv heads of its query heads. With fewer local kv
-    heads than cp ranks, replicate each kv head so every rank receives exactly one."""
-    if n_kv_heads_local % cp == 0:
+def kv_heads_to_send(n_kv_heads_local: int, degree: int) -> int | None:
+    """GQA under Ulysses: each rank needs the kv heads of its query heads. With fewer local kv
+    heads than ranks, each kv head is replicated so every rank receives exactly one. None: the kv
+    heads can be neither split nor replicated (ParallelDims refuses such a layout before any
+    process group, so the exchange below never meets one)."""
+    if n_kv_heads_local % degree == 0:
         return n_kv_heads_local
-    if cp % n_kv_heads_local == 0:
-        return cp
-    raise ValueError(f"{n_kv_heads_local} local kv heads cannot be split over context_parallel_degree={cp}")
+    if degree % n_kv_heads_local == 0:
+        return degree
+    return None
 
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -48,8 +41,6 @@ def scatter_heads_gather_seq(
     KV' = KV, or cp when KV < cp (kv heads replicated, see kv_heads_to_send)."""
     cp = dist.get_world_size(group)
     bsz, t_local, n_heads, head_dim = q.shape
-    if n_heads % cp:
-        raise ValueError(f"{n_heads} local query heads are not divisible by context_parallel_degree={cp}")
     n_kv = kv_heads_to_send(k.size(2), cp)
     if n_kv != k.size(2):
         k = k.repeat_interleave(n_kv // k.size(2), dim=2)

@@ -31,6 +31,7 @@ from components import build  # noqa: E402
 from components.checkpoint import weight_source  # noqa: E402
 from components.config import ConfigError, parse_config  # noqa: E402
 from models.common.loss import IGNORE_INDEX  # noqa: E402
+from parallelisms.context_parallel import unshard_row  # noqa: E402
 from recipes.data import collate, pack_greedy, pack_row  # noqa: E402
 from recipes.policy import EXTRA_FIELDS  # noqa: E402
 
@@ -48,7 +49,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 @torch.no_grad()
 def score_row(model, recipe, row: dict, parallel_dims, job_config, device) -> torch.Tensor:
-    """log p(label) over the whole row [T]: each cp rank scores its chunk, then the chunks are gathered."""
+    """log p(label) over the whole row [T]: each cp rank scores its tokens, then they are gathered
+    and put back in token order (cp ranks hold head-tail chunks when the sequence is sharded)."""
     batch = build.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()}, parallel_dims)
     with build.loss_context(parallel_dims, job_config):
         local = recipe.token_logprobs(model, batch)[0]  # [T/cp]
@@ -56,7 +58,7 @@ def score_row(model, recipe, row: dict, parallel_dims, job_config, device) -> to
         return local
     chunks = [torch.empty_like(local) for _ in range(parallel_dims.cp)]
     dist.all_gather(chunks, local.contiguous(), group=parallel_dims.mesh("cp").get_group())
-    return torch.cat(chunks)
+    return unshard_row(chunks, parallel_dims.cp_shard)
 
 
 def compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts: list[dict], device) -> dict[int, list[float]]:

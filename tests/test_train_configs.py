@@ -31,8 +31,8 @@ def test_real_size_layout_fits_its_world_size(name, world_size):
     args = get_model_spec(job.model.name).args_for(job.model.flavor)
     p, t = job.parallelism, job.training
     dims = ParallelDims(dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
-                        cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, world_size=world_size)
-    dims.validate_heads(args.n_heads, args.n_kv_heads)
-    assert t.seq_len % (dims.tp * dims.cp) == 0
+                        cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, world_size=world_size,
+                        cp_ulysses=p.context_parallel_ulysses_degree).for_heads(args.n_heads, args.n_kv_heads)
+    assert t.seq_len % dims.seq_multiple == 0
     assert t.global_batch_size % (t.local_batch_size * dims.dp) == 0, "whole micro-batches per dp rank"
     assert job.checkpoint.initial_load_in_hf and job.checkpoint.initial_load_path == job.model.hf_assets_path

@@ -18,29 +18,38 @@ from tests.conftest import ROOT
         (dict(dp_replicate=1, dp_shard=-1, cp=3, tp=1), 8, (16, 8), "not divisible by dp_replicate*cp*tp"),
         (dict(dp_replicate=1, dp_shard=1, cp=1, tp=3), 3, (16, 8), "n_heads=16 is not divisible by tensor_parallel_degree=3"),
         (dict(dp_replicate=1, dp_shard=1, cp=1, tp=16), 16, (32, 8), "n_kv_heads=8 is not divisible by tensor_parallel_degree=16"),
-        (dict(dp_replicate=1, dp_shard=1, cp=8, tp=4), 32, (16, 8), "local query heads n_heads/tp = 16/4 = 4 are not divisible by context_parallel_degree=8"),
-        (dict(dp_replicate=1, dp_shard=1, cp=4, tp=1), 4, (12, 6), "local kv heads n_kv_heads/tp = 6 and context_parallel_degree=4"),
+        (dict(dp_replicate=1, dp_shard=1, cp=8, tp=4, cp_ulysses=8), 32, (16, 8),
+         "context_parallel_ulysses_degree=8 does not fit the local heads (n_heads/tp = 16/4 = 4 query, 2 kv"),
+        (dict(dp_replicate=1, dp_shard=1, cp=4, tp=1, cp_ulysses=4), 4, (12, 6),
+         "use 2 (cp 4 = ulysses 2 x shard 2) or -1"),
+        (dict(dp_replicate=1, dp_shard=1, cp=4, tp=1, cp_ulysses=3), 4, (12, 6), "context_parallel_ulysses_degree=3 does not divide"),
     ],
 )
 def test_impossible_layouts_name_the_numbers(degrees, world_size, heads, message):
     with pytest.raises(ValueError, match=None) as info:
-        ParallelDims(**degrees, world_size=world_size).validate_heads(*heads)
+        ParallelDims(**degrees, world_size=world_size).for_heads(*heads)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(
-    "degrees, world_size, heads",
+    "degrees, world_size, heads, split",
     [
-        (dict(dp_replicate=2, dp_shard=2, cp=2, tp=2), 16, (16, 8)),  # kv 8/2 = 4 split over cp 2
-        (dict(dp_replicate=1, dp_shard=1, cp=8, tp=1), 8, (16, 2)),  # kv 2 replicated up to cp 8
-        (dict(dp_replicate=1, dp_shard=-1, cp=2, tp=8), 64, (32, 8)),  # dp_shard inferred: 4
+        (dict(dp_replicate=2, dp_shard=2, cp=2, tp=2), 16, (16, 8), (2, 1)),  # kv 8/2 = 4 split over cp 2
+        (dict(dp_replicate=1, dp_shard=1, cp=8, tp=1), 8, (16, 2), (8, 1)),  # kv 2 replicated up to cp 8
+        (dict(dp_replicate=1, dp_shard=-1, cp=2, tp=8), 64, (32, 8), (2, 1)),  # dp_shard inferred: 4
+        (dict(dp_replicate=1, dp_shard=1, cp=8, tp=1), 8, (28, 4), (4, 2)),  # Qwen2.5-7B at cp 8
+        (dict(dp_replicate=1, dp_shard=1, cp=16, tp=1), 16, (40, 8), (8, 2)),  # Qwen3-14B at cp 16
+        (dict(dp_replicate=1, dp_shard=1, cp=8, tp=4), 32, (16, 8), (4, 2)),  # 4 local heads at cp 8
+        (dict(dp_replicate=1, dp_shard=1, cp=3, tp=1), 3, (6, 2), (1, 3)),  # kv 2 fits no Ulysses 3: all shard
+        (dict(dp_replicate=1, dp_shard=1, cp=4, tp=1), 4, (12, 6), (2, 2)),
+        (dict(dp_replicate=1, dp_shard=1, cp=8, tp=1, cp_ulysses=1), 8, (16, 8), (1, 8)),  # pure sharding
     ],
 )
-def test_possible_layouts_pass(degrees, world_size, heads):
-    dims = ParallelDims(**degrees, world_size=world_size)
-    dims.validate_heads(*heads)
+def test_possible_layouts_pass_and_split_cp(degrees, world_size, heads, split):
+    dims = ParallelDims(**degrees, world_size=world_size).for_heads(*heads)
     assert dims.dp_replicate * dims.dp_shard * dims.cp * dims.tp == world_size
+    assert (dims.cp_ulysses, dims.cp_shard) == split
 
 
 def test_train_refuses_layout_before_starting(tmp_path):

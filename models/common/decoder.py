@@ -9,6 +9,7 @@ from torch import nn
 from models.common.args import DecoderArgs
 from models.common.attention import Attention, AttentionMask, build_attention_mask
 from models.common.rope import rope_cos_sin
+from parallelisms.context_parallel import ContextParallel
 from parallelisms.sharding import copy_full_
 
 
@@ -55,6 +56,8 @@ class Decoder(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Set by parallelisms' context-parallel step: which query chunks this rank attends for.
+        self.context_parallel: ContextParallel | None = None
 
     def forward(self, tokens, position_ids=None, document_ids: torch.Tensor | None = None, head=None):
         """position_ids: [B, T_local] global per-document positions of the local tokens.
@@ -65,7 +68,9 @@ class Decoder(nn.Module):
         # of a RowwiseParallel embedding output, gets a wrong embedding gradient (docs/design.md, traps).
         h = self.tok_embeddings(tokens).clone()
         rope = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype)
-        mask = build_attention_mask(document_ids)
+        cp = self.context_parallel
+        chunks = cp.query_chunks(tokens.size(1)) if cp is not None else [(0, tokens.size(1))]
+        mask = build_attention_mask(document_ids, chunks, tokens.device)
         for layer in self.layers.values():
             h = layer(h, rope, mask)
         h = self.norm(h)

@@ -15,11 +15,12 @@ def parallelize_decoder(model: nn.Module, parallel_dims: ParallelDims, job_confi
     if parallel_dims.tp > 1:
         loss_parallel = not job_config.parallelism.disable_loss_parallel
         apply_tp(model, parallel_dims.mesh("tp"), layer_plan, loss_parallel)
-    # CP changes no parameter: attention only needs the group its all-to-alls run over.
+    # CP changes no parameter: attention needs the groups of its exchanges, the decoder the
+    # query chunks of this rank (for their masks).
     if parallel_dims.cp > 1:
-        cp_group = parallel_dims.mesh("cp").get_group()
+        model.context_parallel = parallel_dims.context_parallel()
         for block in model.layers.values():
-            block.attention.cp_group = cp_group
+            block.attention.context_parallel = model.context_parallel
     # Compile before checkpoint-wrapping: the other order fails under TP (docs/design.md, traps).
     # Per-op selective checkpointing is the exception: the compiler enforces its policy.
     ac = job_config.activation_checkpoint
