@@ -57,7 +57,9 @@ class ParallelDims:
         can be split or replicated (ulysses.kv_heads_to_send), the sequence shard takes the rest."""
         tp, cp = self.tp, self.cp
         if n_heads % tp:
-            raise ValueError(f"n_heads={n_heads} is not divisible by tensor_parallel_degree={tp}; use a tp that divides {n_heads}")
+            raise ValueError(
+                f"n_heads={n_heads} is not divisible by tensor_parallel_degree={tp}; use a tp that divides {n_heads}"
+            )
         if n_kv_heads % tp:
             raise ValueError(
                 f"n_kv_heads={n_kv_heads} is not divisible by tensor_parallel_degree={tp}; "

@@ -3,9 +3,9 @@ per-rank attention of every shard equals whole-row attention, and every cp layou
 as one process (loss and grad norm of every step, final weights; fp32, 1e-5).
 
 The parity layouts cover each shape of the cp split: pure sequence sharding (6 query / 2 kv heads
-at cp 3: no Ulysses degree fits both), Ulysses x shard (cp 4 = 2 x 2, with dp, with tp, with
-compile and checkpointing), and a deep shard (cp 8 = Ulysses 2 x shard 4), all on packed
-multi-document rows (train.py's pretrain recipe packs the debug corpus)."""
+at cp 3: no Ulysses degree fits both), Ulysses x shard (cp 4 = 2 x 2, with dp, with tp and per-op
+checkpointing), and a deep shard (cp 8 = Ulysses 2 x shard 4), all on packed multi-document rows
+(train.py's pretrain recipe packs the debug corpus)."""
 
 import pytest
 import torch
@@ -100,22 +100,21 @@ def six_heads(make_tiny_hf) -> str:
 def references(make_tiny_hf, tmp_path_factory):
     """One process: the 6-head model and the debug flavor (seeded random init)."""
     dump = tmp_path_factory.mktemp("ref")
-    cases = [overrides(six_heads(make_tiny_hf), str(dump / "six"), {}), overrides(None, str(dump / "debug"), {"random_init": True})]
+    cases = [overrides(six_heads(make_tiny_hf), str(dump / "six"), {}),
+             overrides(None, str(dump / "debug"), {"random_init": True})]
     six, debug = run_on_ranks(1, train_layouts, cases)
     return {"six": six, "debug": debug}
 
 
-COMPILE_FULL_AC = ["--compile.enable", "--activation_checkpoint.mode", "full"]
-COMPILE_OP_AC = ["--compile.enable", "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]
+OP_AC = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]
 
-# name: (model, layout, (ulysses, shard) the split must come out as)
+# name: (model, layout, (ulysses, shard) the split must come out as). cp 4 alone runs inside dp2 x
+# cp4; compile with full checkpointing over a sequence shard is tests/test_parallel.py's 8-rank case.
 LAYOUTS = {
     3: {"cp3 = shard 3": ("six", {"cp": 3}, (1, 3))},
-    4: {"cp4 = ulysses 2 x shard 2": ("six", {"cp": 4}, (2, 2)),
-        "cp4 + compile + full AC": ("six", {"cp": 4, "flags": COMPILE_FULL_AC}, (2, 2))},
-    8: {"dp2 x cp4": ("six", {"dp_shard": 2, "cp": 4}, (2, 2)),
+    8: {"dp2 x cp4 (ulysses 2 x shard 2)": ("six", {"dp_shard": 2, "cp": 4}, (2, 2)),
         "debug tp2 x cp4 (ulysses 2 x shard 2), per-op AC": (
-            "debug", {"tp": 2, "cp": 4, "random_init": True, "flags": ULYSSES_2 + COMPILE_OP_AC}, (2, 2)),
+            "debug", {"tp": 2, "cp": 4, "random_init": True, "flags": ULYSSES_2 + OP_AC}, (2, 2)),
         "debug cp8 (ulysses 2 x shard 4)": ("debug", {"cp": 8, "random_init": True, "flags": ULYSSES_2}, (2, 4))},
 }
 

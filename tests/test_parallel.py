@@ -95,8 +95,10 @@ LAYOUTS = {
     8: {
         # From a seeded random init: drawn whole and then sharded, it must not depend on the layout.
         "dp2xtp2xcp2 random init": {"dp_shard": 2, "tp": 2, "cp": 2, "random_init": True},
-        # The full stack: TP + CP + FSDP with compiled, checkpointed blocks.
-        "dp2xtp2xcp2+compile+ac": {"dp_shard": 2, "tp": 2, "cp": 2, "flags": COMPILE_FULL_AC},
+        # The full stack: TP + CP + FSDP with compiled, checkpointed blocks; cp as a sequence shard
+        # (head-tail chunks, all-gathered K/V) instead of Ulysses.
+        "dp2xtp2xcp2(shard)+compile+ac": {"dp_shard": 2, "tp": 2, "cp": 2,
+                                           "flags": COMPILE_FULL_AC + ["--parallelism.context_parallel_ulysses_degree", "1"]},
     },
 }
 

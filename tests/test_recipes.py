@@ -63,9 +63,10 @@ def one_rank():
             dist.destroy_process_group()
 
 
-def layout_args(cp: int = 1, tp: int = 1) -> list[str]:
+def layout_args(cp: int = 1, tp: int = 1, ulysses: int = -1) -> list[str]:
+    """ulysses 1: cp as a pure sequence shard (head-tail chunks), -1: the automatic split."""
     return ["--parallelism.context_parallel_degree", str(cp), "--parallelism.tensor_parallel_degree", str(tp),
-            "--parallelism.data_parallel_shard_degree", "-1"]
+            "--parallelism.data_parallel_shard_degree", "-1", "--parallelism.context_parallel_ulysses_degree", str(ulysses)]
 
 
 def sft_args(hf_dir: str, dump: str, **layout) -> list[str]:
@@ -100,7 +101,7 @@ def two_rank_cases(hf_dir: str, tmp: str, rollouts: str, rollouts_with_old: str)
     for name, layout in (("cp2", dict(cp=2)), ("tp2", dict(tp=2))):
         out[f"sft_{name}"] = train_records(sft_args(hf_dir, os.path.join(tmp, f"sft_{name}"), **layout))
         out[f"logprobs_{name}"] = layout_logprobs(policy_args(hf_dir, rollouts, **layout), rollouts)
-    policy_train = policy_args(hf_dir, rollouts_with_old, cp=2) + [
+    policy_train = policy_args(hf_dir, rollouts_with_old, cp=2, ulysses=1) + [
         "--job.dump_folder", os.path.join(tmp, "policy_cp2"), "--training.steps", "1", "--training.local_batch_size", "4"]
     out["policy_cp2"] = train_records(policy_train)
     return out
@@ -214,11 +215,12 @@ def test_policy_logprobs_match_one_rank(layout, reference_logprobs, two_ranks):
 
 
 def test_policy_logprobs_dp2_cp2_script(hf_dir, rollouts_path, reference_logprobs, tmp_path):
-    """The script itself under torchrun: 4 ranks, two dp groups score different rows."""
+    """The script itself under torchrun: 4 ranks, two dp groups score different rows; cp as a
+    sequence shard, so each row's log-probs come back from head-tail chunks."""
     out = str(tmp_path / "out.jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
            "scripts/compute_logprobs.py", "--model-dir", hf_dir, "--input", rollouts_path, "--output", out,
-           "--training.seq_len", "64", "--comm.init_timeout_seconds", "120", *layout_args(cp=2)]
+           "--training.seq_len", "64", "--comm.init_timeout_seconds", "120", *layout_args(cp=2, ulysses=1)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -265,7 +267,7 @@ def test_policy_loss_and_grads_match_direct_computation(hf_dir, tmp_path):
 
 
 def test_policy_ratio_is_one_at_first_step(two_ranks, hf_dir, rollouts_path):
-    """cp2 training on rollouts whose old_logprobs the 1-rank script computed from the same weights:
+    """cp2 (sequence shard) training on rollouts whose old_logprobs the 1-rank script computed from the same weights:
     ratio 1 and no clipping, so the loss is minus the token mean of the advantages."""
     (step1,) = two_ranks["policy_cp2"]
     assert abs(step1["ratio_mean"] - 1) <= ATOL, step1
