@@ -35,7 +35,7 @@ def test_sharded_attention_equals_whole_row(kernel, doc_len):
     q, k, v, document_ids = make_inputs(SEQ, 16, 8, 128, doc_len)
     grad_out = torch.randn_like(q)
     ref_out, ref_grads = forward_backward(lambda: whole_row(q, k, v, document_ids, kernel), q, k, v, grad_out)
-    for shard in (2, 4, 8):
+    for shard in (2, 4):
         out, grads = forward_backward(lambda: sharded(q, k, v, document_ids, shard), q, k, v, grad_out)
         errors = {"out": rel_error(out, ref_out), **{f"d{n}": rel_error(g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
         print(f"{kernel} doc_len={doc_len} shard={shard}: relative errors {errors}")
