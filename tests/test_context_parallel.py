@@ -3,8 +3,8 @@ per-rank attention of every shard equals whole-row attention, and every cp layou
 as one process (loss and grad norm of every step, final weights; fp32, 1e-5).
 
 The parity layouts cover each shape of the cp split: pure sequence sharding (6 query / 2 kv heads
-at cp 3: no Ulysses degree fits both), Ulysses x shard (cp 4 = 2 x 2, with dp, with tp and per-op
-checkpointing), and a deep shard (cp 8 = Ulysses 2 x shard 4), all on packed multi-document rows
+at cp 3: no Ulysses degree fits both), Ulysses x shard (cp 4 = 2 x 2, under HSDP, with tp and
+per-op checkpointing), and a deep shard (cp 8 = Ulysses 2 x shard 4), all on packed multi-document rows
 (train.py's pretrain recipe packs the debug corpus)."""
 
 import pytest
@@ -108,11 +108,12 @@ def references(make_tiny_hf, tmp_path_factory):
 
 OP_AC = ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"]
 
-# name: (model, layout, (ulysses, shard) the split must come out as). cp 4 alone runs inside dp2 x
-# cp4; compile with full checkpointing over a sequence shard is tests/test_parallel.py's 8-rank case.
+# name: (model, layout, (ulysses, shard) the split must come out as). cp 4 alone runs inside each
+# replica of the HSDP case; dp_shard x a sequence shard, compiled with full checkpointing, is
+# tests/test_parallel.py's 8-rank case.
 LAYOUTS = {
     3: {"cp3 = shard 3": ("six", {"cp": 3}, (1, 3))},
-    8: {"dp2 x cp4 (ulysses 2 x shard 2)": ("six", {"dp_shard": 2, "cp": 4}, (2, 2)),
+    8: {"HSDP: dp_replicate2 x cp4 (ulysses 2 x shard 2)": ("six", {"dp_replicate": 2, "cp": 4}, (2, 2)),
         "debug tp2 x cp4 (ulysses 2 x shard 2), per-op AC": (
             "debug", {"tp": 2, "cp": 4, "random_init": True, "flags": ULYSSES_2 + OP_AC}, (2, 2)),
         "debug cp8 (ulysses 2 x shard 4)": ("debug", {"cp": 8, "random_init": True, "flags": ULYSSES_2}, (2, 4))},
