@@ -91,6 +91,7 @@ def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, 
                                            global_batch * padded_len, valid_tokens=n_tokens, **recipe_metrics))
             checkpointer.save(step, last_step=step == training.steps)
     finally:
+        loader.close()
         metrics.close()
         checkpointer.close()
     return model, records

@@ -48,7 +48,8 @@ class Training(TitanTraining):
     """Format of training.dataset_path: "auto" (from the file extension), "text", "json" or "parquet"."""
 
     dataset_path: str | None = "assets/debug/corpus.jsonl"
-    """A local file or folder of documents (text, JSON lines or parquet)."""
+    """A local file or folder of documents (text, JSON lines or parquet), or for recipe.name =
+    "pretrain" a folder written by scripts/tokenize.py (any size: each rank reads only its rows)."""
 
 
 @dataclass

@@ -30,5 +30,12 @@ def build_recipe(job_config) -> Recipe:
     from recipes.pretrain import PretrainRecipe
     from recipes.sft import SFTRecipe
 
+    from recipes.data import DataError
+    from recipes.tokenized import is_token_folder
+
     recipes = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "policy": PolicyRecipe}
+    name, path = job_config.recipe.name, job_config.training.dataset_path
+    if name != "pretrain" and is_token_folder(path):  # its rows have no chat turns or rollout fields
+        raise DataError(f"training.dataset_path={path!r} is tokenized text, which only recipe.name=pretrain reads; "
+                        f"point the {name} recipe at the raw records")
     return recipes[job_config.recipe.name](job_config)

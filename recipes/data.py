@@ -11,7 +11,11 @@ A packed row carries everything a step needs, computed here once on the data sid
 
 import json
 import os
+import queue
+import threading
+import time
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -100,27 +104,26 @@ class HFTokenizer:
 def pack_row(segments: list[tuple], seq_len: int, pad_id: int, extra_fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Lay (tokens, labels, *extras) segments end to end into one row of seq_len, padding the rest.
     Each segment's labels are already shifted within the segment. `extras` are per-token float
-    lists (e.g. a policy's advantages), one per name in extra_fields; padding gets 0."""
-    tokens, labels, positions, docs = [], [], [], []
-    extras = [[] for _ in extra_fields]
-    for doc, (seg_tokens, seg_labels, *seg_extras) in enumerate(segments):
-        tokens += seg_tokens
-        labels += seg_labels
-        positions += range(len(seg_tokens))
-        docs += [doc] * len(seg_tokens)
-        for column, values in zip(extras, seg_extras, strict=True):
-            column += values
-    pad = seq_len - len(tokens)
-    tokens += [pad_id] * pad
-    labels += [IGNORE_INDEX] * pad
-    positions += range(pad)
-    docs += [len(segments)] * pad  # padding attends only to padding: no row is fully masked
+    sequences (e.g. a policy's advantages), one per name in extra_fields; padding gets 0.
+    Segments may be lists or int64 numpy arrays (the tokenized path's slices of a memory map)."""
+    lengths = [len(segment[0]) for segment in segments]
+    pad = seq_len - sum(lengths)
+
+    def column(index: int, fill, dtype) -> torch.Tensor:
+        parts = [torch.as_tensor(segment[index], dtype=dtype) for segment in segments]
+        return torch.cat(parts + [torch.full((pad,), fill, dtype=dtype)])
+
+    # Padding is one more segment: its positions restart at 0 and it attends only to itself, so
+    # no row is fully masked.
+    # numpy, not torch.repeat_interleave: one thread, no intra-op pool to contend with the step.
+    spans = np.array(lengths + [pad])
+    starts = np.cumsum(spans) - spans
     return {
-        "input_ids": torch.tensor(tokens),
-        "labels": torch.tensor(labels),
-        "position_ids": torch.tensor(positions),
-        "document_ids": torch.tensor(docs),
-        **{name: torch.tensor(column + [0.0] * pad, dtype=torch.float32) for name, column in zip(extra_fields, extras)},
+        "input_ids": column(0, pad_id, torch.long),
+        "labels": column(1, IGNORE_INDEX, torch.long),
+        "position_ids": torch.from_numpy(np.arange(seq_len) - np.repeat(starts, spans)),
+        "document_ids": torch.from_numpy(np.repeat(np.arange(len(spans)), spans)),
+        **{name: column(2 + i, 0.0, torch.float32) for i, name in enumerate(extra_fields)},
     }
 
 
@@ -153,7 +156,10 @@ class PackedStream:
     extra_fields. A document longer than the room left in a row continues at the start of the
     next row (its labels still point at its own next tokens; its positions restart), unless
     split_documents=False: then it starts the next row whole, and one longer than seq_len is an
-    error (a policy's log-probabilities are only right if every token sees its whole prompt)."""
+    error (a policy's log-probabilities are only right if every token sees its whole prompt).
+
+    Rows depend on every document before them, so every rank encodes the whole global stream:
+    fine for small data; a large corpus is tokenized once (recipes/tokenized.py)."""
 
     def __init__(self, documents, encode, seq_len: int, padded_len: int, pad_id: int,
                  extra_fields: tuple[str, ...] = (), split_documents: bool = True):
@@ -165,7 +171,25 @@ class PackedStream:
         self.doc_index = 0  # documents consumed so far, over all epochs
         self.carry: tuple[list, ...] | None = None  # (tokens, labels, *extras) left for the next row
 
+    def set_row_len(self, seq_len: int, padded_len: int) -> None:
+        """Rows from the next one on hold seq_len tokens, padded to padded_len."""
+        self.seq_len, self.padded_len = seq_len, padded_len
+
     def next_row(self) -> dict[str, torch.Tensor]:
+        return pack_row(self._next_segments(), self.padded_len, self.pad_id, self.extra_fields)
+
+    def next_rows(self, count: int, wanted: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Advance `count` rows; return those at the offsets in `wanted` (ascending). The others
+        are encoded (their boundaries move every later row) but never turned into tensors."""
+        wanted = set(wanted)
+        rows = []
+        for offset in range(count):
+            segments = self._next_segments()
+            if offset in wanted:
+                rows.append(pack_row(segments, self.padded_len, self.pad_id, self.extra_fields))
+        return rows
+
+    def _next_segments(self) -> list[tuple]:
         segments, used = [], 0
         while used < self.seq_len:
             if self.carry is not None:
@@ -185,7 +209,7 @@ class PackedStream:
             if length:
                 segments.append(segment)
                 used += len(segment[0])
-        return pack_row(segments, self.padded_len, self.pad_id, self.extra_fields)
+        return segments
 
     def state_dict(self) -> dict:
         return {"doc_index": self.doc_index, "carry": self.carry}
@@ -195,31 +219,88 @@ class PackedStream:
 
 
 class StepLoader:
-    """Per step, this rank's micro-batches of the global batch.
+    """Per step, this rank's micro-batches of the global batch, built ahead in a background thread.
 
-    Every rank packs the same global stream and keeps its own rows, so the global batch (and
-    therefore the loss and gradients) is identical under any dp/cp/tp layout; cp and tp ranks
-    get the same rows and shard them later. Micro-batch m of dp rank r holds rows
-    [(m*dp + r)*b, (m*dp + r + 1)*b) of the step's global batch."""
+    The global batch is one stream's next global_batch_size rows whatever the layout, so the loss
+    and gradients are identical under any dp/cp/tp; cp and tp ranks get the same rows and shard
+    them later. Micro-batch m of dp rank r holds rows [(m*dp + r)*b, (m*dp + r + 1)*b) of the
+    step's global batch, and a rank builds tensors for those rows only.
 
-    def __init__(self, stream: PackedStream, local_batch_size: int, global_batch_size: int, dp: int, dp_rank: int):
+    A thread keeps up to `prefetch` steps ready while the accelerator runs the current one (as
+    torch's DataLoader workers do, without processes: the tokenized path is memory-map slicing and
+    numpy, and the tokenizer releases the GIL). The state is the position after the last step
+    handed out, not the thread's: a checkpoint never skips the prefetched steps."""
+
+    def __init__(self, stream, local_batch_size: int, global_batch_size: int, dp: int, dp_rank: int, prefetch: int = 2):
         if global_batch_size % (local_batch_size * dp):
             raise DataError(
                 f"global_batch_size={global_batch_size} is not a multiple of local_batch_size*dp = "
                 f"{local_batch_size}*{dp}; gradient accumulation needs whole micro-batches"
             )
         self.stream, self.local_batch_size, self.global_batch_size = stream, local_batch_size, global_batch_size
-        self.dp, self.dp_rank = dp, dp_rank
+        self.dp, self.dp_rank, self.prefetch = dp, dp_rank, prefetch
         self.grad_accum_steps = global_batch_size // (local_batch_size * dp)
+        self.state = stream.state_dict()
+        self.wait_seconds = 0.0  # time next_step spent blocked on the thread, over the run
+        self._thread = None
+
+    def owned_rows(self) -> list[int]:
+        """This rank's offsets in a step's global batch, micro-batch after micro-batch."""
+        b = self.local_batch_size
+        return [(m * self.dp + self.dp_rank) * b + i for m in range(self.grad_accum_steps) for i in range(b)]
+
+    def build_step(self) -> tuple[list[dict[str, torch.Tensor]], dict]:
+        """The next step's micro-batches and the stream's state after it (the thread's work)."""
+        rows, b = self.stream.next_rows(self.global_batch_size, self.owned_rows()), self.local_batch_size
+        return [collate(rows[m * b : (m + 1) * b]) for m in range(self.grad_accum_steps)], self.stream.state_dict()
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        rows = [self.stream.next_row() for _ in range(self.global_batch_size)]
-        b = self.local_batch_size
-        starts = [(m * self.dp + self.dp_rank) * b for m in range(self.grad_accum_steps)]
-        return [collate(rows[s : s + b]) for s in starts]
+        if self._thread is None:
+            self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+            self._thread = threading.Thread(target=_build_steps, args=(self.build_step, self._queue, self._stop),
+                                            name="StepLoader", daemon=True)
+            self._thread.start()
+        start = time.perf_counter()
+        item = self._queue.get()
+        self.wait_seconds += time.perf_counter() - start
+        if isinstance(item, Exception):
+            self.close()
+            raise item  # e.g. a DataError met while packing: the user's one line, from this thread
+        microbatches, self.state = item
+        return microbatches
+
+    def set_row_len(self, seq_len: int, padded_len: int) -> None:
+        """Steps not yet handed out hold rows of seq_len tokens padded to padded_len (a staged
+        context extension); steps built ahead at the old length are built again."""
+        if (seq_len, padded_len) != (self.stream.seq_len, self.stream.padded_len):
+            self.close()
+            self.stream.set_row_len(seq_len, padded_len)
+
+    def close(self) -> None:
+        """Stop the thread and rewind the stream to the last step handed out; the next
+        next_step starts a new thread from there."""
+        if self._thread is not None:
+            self._stop.set()
+            while self._thread.is_alive():  # a put blocked on the full queue returns once it is drained
+                while not self._queue.empty():
+                    self._queue.get_nowait()
+                self._thread.join(timeout=0.01)
+            self._thread = None
+        self.stream.load_state_dict(self.state)
 
     def state_dict(self) -> dict:
-        return self.stream.state_dict()
+        return self.state
 
     def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
+        self.state = state
+        self.close()
+
+
+def _build_steps(build_step, steps: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread: steps in order, then the exception that ended them, if any."""
+    while not stop.is_set():
+        try:
+            steps.put(build_step())
+        except Exception as e:
+            steps.put(e)
+            return

@@ -1,4 +1,7 @@
-"""Continued pretraining: packed documents, next-token cross-entropy on every real token."""
+"""Continued pretraining: packed documents, next-token cross-entropy on every real token.
+
+training.dataset_path is raw documents (tokenized on the fly, every rank the whole stream: small
+data) or a folder written by scripts/tokenize.py (each rank reads only its rows: any size)."""
 
 import functools
 
@@ -6,6 +9,12 @@ import torch
 
 from models.common.loss import chunked_cross_entropy_sum
 from recipes.data import HFTokenizer, PackedStream, load_documents, next_token_labels
+from recipes.tokenized import TokenCorpus, TokenStream, is_token_folder
+
+
+def document_tokens(tokenizer: HFTokenizer, text: str) -> list[int]:
+    """A document as pretraining sees it: EOS closes it, so the model learns where text ends."""
+    return tokenizer.encode(text) + [tokenizer.eos_id]
 
 
 class PretrainRecipe:
@@ -13,16 +22,22 @@ class PretrainRecipe:
         self.job_config = job_config
         self.tokenizer = HFTokenizer(job_config.model.hf_assets_path)
         training = job_config.training
-        self.documents = load_documents(training.dataset_path, training.dataset, job_config.recipe.text_field)
+        if is_token_folder(training.dataset_path):
+            self.documents = TokenCorpus(training.dataset_path, self.tokenizer)
+        else:
+            self.documents = load_documents(training.dataset_path, training.dataset, job_config.recipe.text_field)
         self.text_field = job_config.recipe.text_field
         self.vocab_size = self.tokenizer.vocab_size
 
     def encode(self, record: dict) -> tuple[list[int], list[int]]:
-        tokens = self.tokenizer.encode(record[self.text_field]) + [self.tokenizer.eos_id]
+        tokens = document_tokens(self.tokenizer, record[self.text_field])
         return tokens, next_token_labels(tokens)
 
-    def build_stream(self, padded_len: int) -> PackedStream:
-        return PackedStream(self.documents, self.encode, self.job_config.training.seq_len, padded_len, self.tokenizer.eos_id)
+    def build_stream(self, padded_len: int) -> PackedStream | TokenStream:
+        seq_len, pad_id = self.job_config.training.seq_len, self.tokenizer.eos_id
+        if isinstance(self.documents, TokenCorpus):
+            return TokenStream(self.documents, seq_len, padded_len, pad_id)
+        return PackedStream(self.documents, self.encode, seq_len, padded_len, pad_id)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """(sum of token losses on this rank's tokens, no recipe metrics)."""

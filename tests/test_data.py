@@ -1,0 +1,174 @@
+"""The data path: pack_row, StepLoader (row ownership, layout invariance, prefetch, resume) and the
+tokenized path (scripts/tokenize.py's shards read back, rows equal to on-the-fly packing, refusals).
+Every reference is one plain stream's next_row(), computed here."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from components.config import parse_config
+from recipes import build_recipe
+from recipes.data import DataError, PackedStream, StepLoader, pack_row
+from recipes.pretrain import document_tokens
+from recipes.tokenized import METADATA, TokenCorpus
+from scripts import tokenize as tokenize_script
+from tests.conftest import ROOT
+
+ASSETS = os.path.join(ROOT, "assets", "debug")
+SEQ_LEN = 48  # shorter than most documents: rows split them, and 40 documents wrap within the tests
+
+
+def job_config(dataset_path: str, *extra: str):
+    return parse_config(["--training.dataset_path", dataset_path, "--training.seq_len", str(SEQ_LEN),
+                         "--model.hf_assets_path", ASSETS, *extra])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """40 documents of the debug corpus (about 5000 tokens): several epochs within a few steps."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(os.path.join(ASSETS, "corpus.jsonl")) as f:
+        path.write_text("".join(f.readlines()[:40]))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def token_dir(corpus, tmp_path_factory) -> str:
+    """The corpus through scripts/tokenize.py: 2 workers, shards of ~1000 tokens (several)."""
+    out = str(tmp_path_factory.mktemp("tokens") / "tokens")
+    tokenize_script.tokenize(corpus, out, job_config(corpus), workers=2, shard_tokens=1000)
+    return out
+
+
+@pytest.fixture(scope="module")
+def streams(corpus, token_dir):
+    """kind -> a function making a fresh pretrain stream of rows padded to padded_len."""
+    raw, tokens = build_recipe(job_config(corpus)), build_recipe(job_config(token_dir))
+    return {"raw": raw.build_stream, "tokens": tokens.build_stream}
+
+
+def assert_rows_equal(got: dict, want: dict, where: str) -> None:
+    assert got.keys() == want.keys(), where
+    for key in want:
+        assert torch.equal(got[key], want[key]), f"{where}: {key} differs\n{got[key]}\n{want[key]}"
+
+
+def test_pack_row_positions_and_documents():
+    row = pack_row([([1, 2, 3], [2, 3, -100]), (np.array([4, 5]), np.array([5, -100]))], 7, pad_id=0)
+    assert row["input_ids"].tolist() == [1, 2, 3, 4, 5, 0, 0]
+    assert row["labels"].tolist() == [2, 3, -100, 5, -100, -100, -100]
+    assert row["position_ids"].tolist() == [0, 1, 2, 0, 1, 0, 1]  # padding restarts too
+    assert row["document_ids"].tolist() == [0, 0, 0, 1, 1, 2, 2]  # padding is its own document
+
+
+def test_tokenize_round_trip(corpus, token_dir):
+    tokenizer = build_recipe(job_config(corpus)).tokenizer
+    with open(corpus) as f:
+        documents = [document_tokens(tokenizer, json.loads(line)["text"]) for line in f]
+    metadata = json.load(open(os.path.join(token_dir, METADATA)))
+    assert len(metadata["shards"]) > 2 and metadata["dtype"] == "uint16"  # the debug vocab has 500 tokens
+    assert metadata["num_documents"] == len(documents)
+    corpus_tokens = TokenCorpus(token_dir, tokenizer)
+    stored = np.concatenate([np.asarray(t) for t in corpus_tokens.tokens])
+    assert stored.tolist() == [t for d in documents for t in d]  # in order, EOS after each
+    ends = np.concatenate([e + start for e, start in zip(corpus_tokens.ends, corpus_tokens.shard_starts)])
+    assert ends.tolist() == np.cumsum([len(d) for d in documents]).tolist()
+    # A span across shards and over the end of the corpus (the next epoch begins).
+    total = corpus_tokens.num_tokens
+    tokens, span_ends = corpus_tokens.span(total - 30, 60)
+    assert tokens.tolist() == stored[-30:].tolist() + stored[:30].tolist()
+    assert 30 in span_ends.tolist()
+
+
+@pytest.mark.parametrize("padded_len", [SEQ_LEN, SEQ_LEN + 4])
+def test_tokenized_rows_equal_on_the_fly_packing(streams, padded_len):
+    """Three epochs, and a change of row length halfway (a staged context extension)."""
+    raw, tokens = streams["raw"](padded_len), streams["tokens"](padded_len)
+    for index in range(320):
+        if index == 160:
+            raw.set_row_len(SEQ_LEN // 2, padded_len)
+            tokens.set_row_len(SEQ_LEN // 2, padded_len)
+        assert_rows_equal(tokens.next_row(), raw.next_row(), f"row {index}")
+
+
+def reference_steps(make_stream, global_batch: int, steps: int) -> list[list[dict]]:
+    stream = make_stream(SEQ_LEN)
+    return [[stream.next_row() for _ in range(global_batch)] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("kind", ["raw", "tokens"])
+def test_global_batch_is_identical_under_dp_1_2_4(streams, kind):
+    """Micro-batch m of dp rank r holds rows [(m*dp + r)*b, (m*dp + r + 1)*b) of the step's global batch."""
+    global_batch, steps = 8, 3
+    want = reference_steps(streams[kind], global_batch, steps)
+    for dp, b in [(1, 8), (1, 2), (2, 1), (2, 2), (4, 2)]:
+        loaders = [StepLoader(streams[kind](SEQ_LEN), b, global_batch, dp, rank) for rank in range(dp)]
+        for step in range(steps):
+            for rank, loader in enumerate(loaders):
+                for m, microbatch in enumerate(loader.next_step()):
+                    for i in range(b):
+                        got = {key: value[i] for key, value in microbatch.items()}
+                        assert_rows_equal(got, want[step][(m * dp + rank) * b + i], f"{kind} dp={dp} b={b} step {step} rank {rank} mb {m}")
+        for loader in loaders:
+            loader.close()
+
+
+@pytest.mark.parametrize("kind", ["raw", "tokens"])
+def test_resume_restores_the_exact_position(streams, kind):
+    """A state saved under dp2 after 3 steps (the thread has built more), through JSON as the
+    checkpoint stores it, resumes under dp4 at step 4; and a change of row length between steps
+    discards the steps built ahead at the old length."""
+    global_batch = 8
+    want = reference_steps(streams[kind], global_batch, 6)
+    first = StepLoader(streams[kind](SEQ_LEN), 1, global_batch, 2, 0)
+    for _ in range(3):
+        first.next_step()
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    resumed = StepLoader(streams[kind](SEQ_LEN), 2, global_batch, 4, 3)
+    resumed.load_state_dict(state)
+    for step in range(3, 6):
+        got = resumed.next_step()[0]
+        for i in range(2):
+            assert_rows_equal({k: v[i] for k, v in got.items()}, want[step][6 + i], f"{kind} resumed step {step}")
+    resumed.set_row_len(SEQ_LEN // 2, SEQ_LEN // 2)  # after the thread has built steps at SEQ_LEN
+    reference = streams[kind](SEQ_LEN)
+    for _ in range(6 * global_batch):
+        reference.next_row()
+    reference.set_row_len(SEQ_LEN // 2, SEQ_LEN // 2)
+    short = [reference.next_row() for _ in range(global_batch)]
+    got = resumed.next_step()[0]
+    assert got["input_ids"].shape == (2, SEQ_LEN // 2)
+    for i in range(2):
+        assert_rows_equal({k: v[i] for k, v in got.items()}, short[6 + i], f"{kind} after set_row_len")
+    resumed.close()
+
+
+def test_error_in_the_prefetch_thread_reaches_next_step():
+    never_split = PackedStream([{"n": 32}, {"n": 99}], lambda r: ([1] * r["n"], [1] * r["n"]), 32, 32, 0,
+                               split_documents=False)
+    loader = StepLoader(never_split, 1, 1, 1, 0)
+    loader.next_step()  # the first document fills the first row
+    with pytest.raises(DataError, match="99 tokens > training.seq_len=32"):
+        loader.next_step()
+
+
+def test_refusals(corpus, token_dir, tmp_path):
+    """Another tokenizer, a recipe that cannot read tokens, an output folder in use: one line each."""
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(ASSETS, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:-1]  # same vocabulary, other tokenization
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(DataError, match="tokenized with another tokenizer") as refused:
+        build_recipe(job_config(token_dir, "--model.hf_assets_path", str(other)))
+    with pytest.raises(DataError, match="only recipe.name=pretrain reads") as sft:
+        build_recipe(job_config(token_dir, "--recipe.name", "sft"))
+    with pytest.raises(DataError, match="already exists") as exists:
+        tokenize_script.tokenize(corpus, token_dir, job_config(corpus), workers=1, shard_tokens=1000)
+    for error in (refused, sft, exists):
+        assert "\n" not in str(error.value)
