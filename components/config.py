@@ -49,7 +49,7 @@ class Training(TitanTraining):
 
     dataset_path: str | None = "assets/debug/corpus.jsonl"
     """A local file or folder of documents (text, JSON lines or parquet), or for recipe.name =
-    "pretrain" a folder written by scripts/tokenize.py (any size: each rank reads only its rows)."""
+    "pretrain" a folder written by scripts/tokenize_corpus.py (any size: each rank reads only its rows)."""
 
 
 @dataclass

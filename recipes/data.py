@@ -9,6 +9,7 @@ A packed row carries everything a step needs, computed here once on the data sid
   ...          [T]  per-token floats a recipe adds (the policy's advantages, old log-probs)
 """
 
+import itertools
 import json
 import os
 import queue
@@ -104,26 +105,31 @@ class HFTokenizer:
 def pack_row(segments: list[tuple], seq_len: int, pad_id: int, extra_fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Lay (tokens, labels, *extras) segments end to end into one row of seq_len, padding the rest.
     Each segment's labels are already shifted within the segment. `extras` are per-token float
-    sequences (e.g. a policy's advantages), one per name in extra_fields; padding gets 0.
-    Segments may be lists or int64 numpy arrays (the tokenized path's slices of a memory map)."""
-    lengths = [len(segment[0]) for segment in segments]
-    pad = seq_len - sum(lengths)
+    lists (e.g. a policy's advantages), one per name in extra_fields; padding gets 0."""
+    columns = [list(itertools.chain.from_iterable(column)) for column in zip(*segments)] or [[]] * (2 + len(extra_fields))
+    return packed_row(columns[0], columns[1], [len(s[0]) for s in segments], seq_len, pad_id,
+                      dict(zip(extra_fields, columns[2:])))
 
-    def column(index: int, fill, dtype) -> torch.Tensor:
-        parts = [torch.as_tensor(segment[index], dtype=dtype) for segment in segments]
-        return torch.cat(parts + [torch.full((pad,), fill, dtype=dtype)])
+
+def packed_row(tokens, labels, lengths, seq_len: int, pad_id: int, extras: dict | None = None) -> dict[str, torch.Tensor]:
+    """The row of segments already laid end to end: tokens and labels (lists or int64 arrays) and
+    each segment's length; positions restart and document ids count up at every segment."""
+    pad = seq_len - len(tokens)
+
+    def padded(values, fill, dtype) -> torch.Tensor:
+        return torch.cat([torch.as_tensor(values, dtype=dtype), torch.full((pad,), fill, dtype=dtype)])
 
     # Padding is one more segment: its positions restart at 0 and it attends only to itself, so
-    # no row is fully masked.
-    # numpy, not torch.repeat_interleave: one thread, no intra-op pool to contend with the step.
-    spans = np.array(lengths + [pad])
+    # no row is fully masked. numpy, not torch.repeat_interleave, whose intra-op threads would
+    # contend with the step's.
+    spans = np.array([*lengths, pad])
     starts = np.cumsum(spans) - spans
     return {
-        "input_ids": column(0, pad_id, torch.long),
-        "labels": column(1, IGNORE_INDEX, torch.long),
+        "input_ids": padded(tokens, pad_id, torch.long),
+        "labels": padded(labels, IGNORE_INDEX, torch.long),
         "position_ids": torch.from_numpy(np.arange(seq_len) - np.repeat(starts, spans)),
         "document_ids": torch.from_numpy(np.repeat(np.arange(len(spans)), spans)),
-        **{name: column(2 + i, 0.0, torch.float32) for i, name in enumerate(extra_fields)},
+        **{name: padded(values, 0.0, torch.float32) for name, values in (extras or {}).items()},
     }
 
 
@@ -292,6 +298,9 @@ class StepLoader:
         return self.state
 
     def load_state_dict(self, state: dict) -> None:
+        if state.keys() != self.state.keys():  # raw documents <-> tokenized folder
+            raise DataError(f"the checkpoint's data position {sorted(state)} is not this dataset's {sorted(self.state)}; "
+                            "resume with the training.dataset_path it was saved with")
         self.state = state
         self.close()
 

@@ -1,7 +1,7 @@
 """Continued pretraining: packed documents, next-token cross-entropy on every real token.
 
 training.dataset_path is raw documents (tokenized on the fly, every rank the whole stream: small
-data) or a folder written by scripts/tokenize.py (each rank reads only its rows: any size)."""
+data) or a folder written by scripts/tokenize_corpus.py (each rank reads only its rows: any size)."""
 
 import functools
 

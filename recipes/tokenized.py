@@ -1,4 +1,4 @@
-"""A corpus tokenized once (scripts/tokenize.py) into memory-mapped shards, packed into rows by arithmetic.
+"""A corpus tokenized once (scripts/tokenize_corpus.py) into memory-mapped shards, packed into rows by arithmetic.
 
 A TOKENS_DIR holds
   shard-00000.bin      documents' tokens back to back, each closed by EOS (pretrain's encoding);
@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from models.common.loss import IGNORE_INDEX
-from recipes.data import DataError, HFTokenizer, pack_row
+from recipes.data import DataError, HFTokenizer, packed_row
 
 METADATA = "metadata.json"
 FORMAT = "tokens-v1"
@@ -103,7 +103,7 @@ class TokenCorpus:
             metadata = json.load(f)
         if metadata.get("format") != FORMAT:
             raise DataError(f"{folder} holds tokens of format {metadata.get('format')!r}, not {FORMAT!r}; "
-                            "tokenize the corpus again with scripts/tokenize.py")
+                            "tokenize the corpus again with scripts/tokenize_corpus.py")
         if metadata["tokenizer"] != tokenizer_identity(tokenizer):
             raise DataError(f"{folder} was tokenized with another tokenizer than model.hf_assets_path's "
                             f"({metadata['tokenizer']['sha256'][:12]} vs {tokenizer_identity(tokenizer)['sha256'][:12]}); "
@@ -147,10 +147,8 @@ class TokenStream:
         tokens, ends = self.corpus.span(start, self.seq_len + 1)  # one token more: the last label
         labels = tokens[1:].copy()
         labels[ends[ends <= self.seq_len] - 1] = IGNORE_INDEX  # a document's last token predicts nothing
-        tokens = tokens[:-1]
-        starts = ends[ends < self.seq_len]  # documents starting inside the row
-        segments = list(zip(np.split(tokens, starts), np.split(labels, starts)))
-        return pack_row(segments, self.padded_len, self.pad_id)
+        lengths = np.diff(ends[ends < self.seq_len], prepend=0, append=self.seq_len)  # the row's pieces of documents
+        return packed_row(tokens[:-1], labels, lengths, self.padded_len, self.pad_id)
 
     def next_row(self):
         return self.next_rows(1, [0])[0]

@@ -1,5 +1,5 @@
 """The data path: pack_row, StepLoader (row ownership, layout invariance, prefetch, resume) and the
-tokenized path (scripts/tokenize.py's shards read back, rows equal to on-the-fly packing, refusals).
+tokenized path (scripts/tokenize_corpus.py's shards read back, rows equal to on-the-fly packing, refusals).
 Every reference is one plain stream's next_row(), computed here."""
 
 import json
@@ -15,7 +15,7 @@ from recipes import build_recipe
 from recipes.data import DataError, PackedStream, StepLoader, pack_row
 from recipes.pretrain import document_tokens
 from recipes.tokenized import METADATA, TokenCorpus
-from scripts import tokenize as tokenize_script
+from scripts import tokenize_corpus
 from tests.conftest import ROOT
 
 ASSETS = os.path.join(ROOT, "assets", "debug")
@@ -38,9 +38,9 @@ def corpus(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def token_dir(corpus, tmp_path_factory) -> str:
-    """The corpus through scripts/tokenize.py: 2 workers, shards of ~1000 tokens (several)."""
+    """The corpus through scripts/tokenize_corpus.py: 2 workers, shards of ~1000 tokens (several)."""
     out = str(tmp_path_factory.mktemp("tokens") / "tokens")
-    tokenize_script.tokenize(corpus, out, job_config(corpus), workers=2, shard_tokens=1000)
+    tokenize_corpus.tokenize(corpus, out, job_config(corpus), workers=2, shard_tokens=1000)
     return out
 
 
@@ -169,6 +169,6 @@ def test_refusals(corpus, token_dir, tmp_path):
     with pytest.raises(DataError, match="only recipe.name=pretrain reads") as sft:
         build_recipe(job_config(token_dir, "--recipe.name", "sft"))
     with pytest.raises(DataError, match="already exists") as exists:
-        tokenize_script.tokenize(corpus, token_dir, job_config(corpus), workers=1, shard_tokens=1000)
+        tokenize_corpus.tokenize(corpus, token_dir, job_config(corpus), workers=1, shard_tokens=1000)
     for error in (refused, sft, exists):
         assert "\n" not in str(error.value)

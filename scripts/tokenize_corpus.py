@@ -1,6 +1,6 @@
 """Tokenize a corpus once into memory-mapped shards that training reads row by row (recipes/tokenized.py).
 
-    python scripts/tokenize.py --input CORPUS --output TOKENS_DIR [--model.hf_assets_path HF_DIR] [--workers N]
+    python scripts/tokenize_corpus.py --input CORPUS --output TOKENS_DIR [--model.hf_assets_path HF_DIR] [--workers N]
     python train.py --job.config_file CONFIG --training.dataset_path TOKENS_DIR
 
 CORPUS is what training.dataset_path takes (a text/jsonl/parquet file or folder); each document
@@ -12,9 +12,7 @@ model.hf_assets_path's, the text column recipe.text_field's, the format training
 import os
 import sys
 
-if __name__ == "__main__":  # this folder is sys.path[0], and this file would shadow the standard
-    # library's `tokenize`, which torch imports (through inspect): the repo root replaces it.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import argparse  # noqa: E402
 import itertools  # noqa: E402
