@@ -233,9 +233,10 @@ class StepLoader:
     step's global batch, and a rank builds tensors for those rows only.
 
     A thread keeps up to `prefetch` steps ready while the accelerator runs the current one (as
-    torch's DataLoader workers do, without processes: the tokenized path is memory-map slicing and
-    numpy, and the tokenizer releases the GIL). The state is the position after the last step
-    handed out, not the thread's: a checkpoint never skips the prefetched steps."""
+    torch's DataLoader workers do). A thread, not processes: the tokenized path's work is a few
+    memory-map slices and array copies, which release the GIL; the on-the-fly path's Python
+    packing does share the GIL with the loop (small data only). The state is the position after
+    the last step handed out, not the thread's: a checkpoint never skips the prefetched steps."""
 
     def __init__(self, stream, local_batch_size: int, global_batch_size: int, dp: int, dp_rank: int, prefetch: int = 2):
         if global_batch_size % (local_batch_size * dp):
