@@ -68,7 +68,7 @@ def main() -> None:
         start = time.perf_counter()
         metadata = tokenize_corpus.tokenize(args.corpus, tokens_dir, parse_config(config), os.cpu_count(), 2**30)
         tokenize_s = time.perf_counter() - start
-        print(f"\ntokenize.py: {metadata['num_tokens']:,} tokens in {tokenize_s:.1f} s with {os.cpu_count()} workers "
+        print(f"\ntokenize_corpus.py: {metadata['num_tokens']:,} tokens in {tokenize_s:.1f} s with {os.cpu_count()} workers "
               f"({metadata['num_tokens'] / tokenize_s:,.0f} tokens/s, start-up included)\n")
         recipes = {"on the fly": build_recipe(parse_config(config + ["--training.dataset_path", args.corpus])),
                    "tokenized": build_recipe(parse_config(config + ["--training.dataset_path", tokens_dir]))}
@@ -82,7 +82,7 @@ def main() -> None:
                 steps = 2 if name == "on the fly" else args.steps
                 rate = build_rate(recipe, args.seq_len, dp, steps)
                 first, worst = prefetch_waits(recipe, args.seq_len, dp, steps, args.step_s)
-                print(f"| {name} | {dp} | {rate:,.1f} | {first:.3f} | {worst:.4f} |", flush=True)
+                print(f"| {name} | {dp} | {rate:.3g} | {first:.3f} | {worst:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
