@@ -3,13 +3,14 @@
     python scripts/bench_data.py [--corpus assets/debug/corpus.jsonl] [--seq-len 131072] [--dp 1 8 64] \\
         [--step-s 1.0] [--steps 6]
 
-Rank 0 of a dp group, one row per rank per step (global batch = dp rows). "build" times
-StepLoader.build_step alone: the on-the-fly path encodes the whole global batch on every rank, so
-its cost grows with dp; the tokenized path reads this rank's rows only. "prefetch" runs the real
-StepLoader (its thread) against a simulated step of --step-s seconds and reports the time
-next_step was blocked, first step (nothing built yet) apart from the rest. The corpus repeats as
-often as the rows need (epochs), so a small one serves. The on-the-fly path is skipped above dp 8
-(its cost is dp times its dp-1 cost) and runs 2 steps.
+Rank 0 of a dp group, one row per rank per step (global batch = dp rows). "rows per
+CPU-second" times StepLoader.build_step alone, in CPU time (other jobs on the machine do not
+count): the on-the-fly path encodes the whole global batch on every rank, so its cost grows with
+dp; the tokenized path reads this rank's rows only. "blocked" runs the real StepLoader (its
+thread) against a simulated step of --step-s seconds and reports the time next_step waited,
+first step (nothing built yet) apart from the rest. The corpus repeats as often as the rows need
+(epochs), so a small one serves. The on-the-fly path is skipped above dp 8 (its cost is dp times
+its dp-1 cost) and runs 2 steps.
 """
 
 import os
@@ -30,13 +31,14 @@ from scripts import tokenize_corpus  # noqa: E402
 
 
 def build_rate(recipe, seq_len: int, dp: int, steps: int) -> float:
-    """This rank's rows per second of StepLoader.build_step, no thread."""
+    """This rank's rows per CPU-second of StepLoader.build_step, no thread: CPU time, so that other
+    jobs on the machine do not count (one thread: torch's, and a single encode is one thread)."""
     loader = StepLoader(recipe.build_stream(seq_len), 1, dp, dp, 0)
     loader.build_step()  # warm-up: page cache, first encodes
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(steps):
         loader.build_step()
-    return steps / (time.perf_counter() - start)
+    return steps / (time.process_time() - start)
 
 
 def prefetch_waits(recipe, seq_len: int, dp: int, steps: int, step_s: float) -> tuple[float, float]:
@@ -72,7 +74,7 @@ def main() -> None:
               f"({metadata['num_tokens'] / tokenize_s:,.0f} tokens/s, start-up included)\n")
         recipes = {"on the fly": build_recipe(parse_config(config + ["--training.dataset_path", args.corpus])),
                    "tokenized": build_recipe(parse_config(config + ["--training.dataset_path", tokens_dir]))}
-        print(f"| path | dp | rows/s per rank ({args.seq_len:,}-token rows) | blocked, first step (s) | "
+        print(f"| path | dp | rows per CPU-second per rank ({args.seq_len:,}-token rows) | blocked, first step (s) | "
               f"blocked, worst later step (s), {args.step_s:g} s steps |")
         print("|---|---|---|---|---|")
         for dp in args.dp:
