@@ -6,6 +6,7 @@ import torch
 
 if TYPE_CHECKING:
     from recipes.data import PackedStream
+    from recipes.tokenized import TokenStream
 
 
 class Recipe(Protocol):
@@ -13,8 +14,9 @@ class Recipe(Protocol):
 
     vocab_size: int  # its tokenizer's (0 when it needs none); validate refuses one above the model's
 
-    def build_stream(self, padded_len: int) -> "PackedStream":
-        """The rows it trains on, each padded_len tokens (components.build.padded_seq_len)."""
+    def build_stream(self, padded_len: int) -> "PackedStream | TokenStream":
+        """The rows it trains on, each padded_len tokens (components.build.padded_seq_len); a
+        TokenStream only for pretrain on a folder of scripts/tokenize_corpus.py."""
         ...
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -26,11 +28,10 @@ class Recipe(Protocol):
 
 
 def build_recipe(job_config) -> Recipe:
+    from recipes.data import DataError
     from recipes.policy import PolicyRecipe
     from recipes.pretrain import PretrainRecipe
     from recipes.sft import SFTRecipe
-
-    from recipes.data import DataError
     from recipes.tokenized import is_token_folder
 
     recipes = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "policy": PolicyRecipe}
