@@ -78,6 +78,11 @@ def _validate(job_config: JobConfig):
         raise ConfigError("pipeline and expert parallel are not supported; use dp_replicate, dp_shard, cp and tp")
     ac = job_config.activation_checkpoint
     blocks_to_checkpoint(ac.mode, ac.selective_ac_option, model_args.n_layers)  # refuses a bad mode or option
+    if ac.cpu_offload and ac.mode == "none":
+        raise ConfigError("activation_checkpoint.cpu_offload parks checkpointed block inputs; set activation_checkpoint.mode full or selective")
+    if ac.mlp_chunk_size < 0 or (ac.mlp_chunk_size and parallel_dims.tp > 1):
+        raise ConfigError(f"activation_checkpoint.mlp_chunk_size={ac.mlp_chunk_size}: give 0 (off) or a positive number of "
+                          f"tokens, and 0 under tensor parallel (which already splits the MLP's hidden_dim by tp)")
     recipe = build_recipe(job_config)
     if recipe.vocab_size > model_args.vocab_size:
         raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")

@@ -12,6 +12,7 @@ from typing import Literal, Union, get_args, get_origin
 
 from torchtitan.config import ConfigManager
 from torchtitan.config import JobConfig as TitanJobConfig
+from torchtitan.config.job_config import ActivationCheckpoint as TitanActivationCheckpoint
 from torchtitan.config.job_config import Checkpoint as TitanCheckpoint
 from torchtitan.config.job_config import Model as TitanModel
 from torchtitan.config.job_config import Parallelism as TitanParallelism
@@ -63,6 +64,18 @@ class Checkpoint(TitanCheckpoint):
 
 
 @dataclass
+class ActivationCheckpoint(TitanActivationCheckpoint):
+    cpu_offload: bool = False
+    """Park each checkpointed block's input in pinned host memory during forward and bring it
+    back one block ahead in backward (needs mode full or selective). Frees L x T x dim bf16
+    values of device memory; see parallelisms/activation_checkpoint.py."""
+
+    mlp_chunk_size: int = 0
+    """Tokens per tile of the tiled MLP (0: off): the SwiGLU runs over sequence tiles, each
+    recomputed in backward, so its [T, hidden_dim] intermediates never exist whole."""
+
+
+@dataclass
 class Recipe:
     name: Literal["pretrain", "sft", "policy"] = "pretrain"
     """What one step computes: "pretrain" (packed text, next-token loss), "sft" (chat records,
@@ -95,6 +108,7 @@ class JobConfig(TitanJobConfig):
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     training: Training = field(default_factory=Training)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     recipe: Recipe = field(default_factory=Recipe)
 
 

@@ -21,9 +21,48 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate_proj
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up_proj
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down_proj
+        # Tokens per tile of the tiled SwiGLU; 0 runs the sequence whole. A memory setting
+        # (activation_checkpoint.mlp_chunk_size), set by parallelisms/activation_checkpoint.py.
+        self.chunk_size = 0
 
     def forward(self, x):
+        if 0 < self.chunk_size < x.shape[0] * x.shape[1]:
+            return TiledSwiGLU.apply(x, self.w1.weight, self.w3.weight, self.w2.weight, self.chunk_size)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TiledSwiGLU(torch.autograd.Function):
+    """SwiGLU over tiles of `chunk` tokens, each recomputed in backward: the three [T, hidden]
+    intermediates (gate, up, their product) never exist whole, only [chunk, hidden] of them
+    (ALST's tiled MLP, Bekman et al. 2025, arXiv:2506.13996). Costs one more MLP forward per
+    step. Backward is written out (no nested autograd) so torch.compile traces the block whole.
+    Plain-tensor weights only: tensor parallel already splits hidden_dim (refused in validate)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, chunk: int):
+        ctx.save_for_backward(x, w1, w3, w2)
+        ctx.chunk = chunk
+        tiles = x.flatten(0, 1).split(chunk)
+        return torch.cat([F.linear(F.silu(F.linear(t, w1)) * F.linear(t, w3), w2) for t in tiles]).view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w3, w2 = ctx.saved_tensors
+        # Weight gradients accumulate over tiles in fp32: bf16 partial sums would lose bits per tile.
+        dw1, dw3, dw2 = (torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in (w1, w3, w2))
+        dx = []
+        for t, g in zip(x.flatten(0, 1).split(ctx.chunk), grad_out.flatten(0, 1).split(ctx.chunk)):
+            gate, up = F.linear(t, w1).float(), F.linear(t, w3).float()  # [chunk, hidden]
+            sig = torch.sigmoid(gate)
+            act = gate * sig  # silu(gate)
+            dh = F.linear(g, w2.t()).float()  # dL/d(act * up)
+            dw2 += (g.t() @ (act * up).to(x.dtype)).float()
+            dgate = (dh * up * sig * (1 + gate * (1 - sig))).to(x.dtype)  # silu'(z) = sig(z)(1 + z(1 - sig(z)))
+            dup = (dh * act).to(x.dtype)
+            dx.append(F.linear(dgate, w1.t()) + F.linear(dup, w3.t()))
+            dw1 += (dgate.t() @ t).float()
+            dw3 += (dup.t() @ t).float()
+        return torch.cat(dx).view_as(x), dw1.to(w1.dtype), dw3.to(w3.dtype), dw2.to(w2.dtype), None
 
 
 class TransformerBlock(nn.Module):

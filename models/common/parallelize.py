@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from parallelisms.activation_checkpoint import apply_ac, is_per_op
+from parallelisms.activation_checkpoint import apply_ac, apply_activation_offload, apply_mlp_tiling, is_per_op
 from parallelisms.compile import apply_compile
 from parallelisms.fsdp import apply_fsdp
 from parallelisms.parallel_dims import ParallelDims
@@ -24,6 +24,8 @@ def parallelize_decoder(model: nn.Module, parallel_dims: ParallelDims, job_confi
     # Compile before checkpoint-wrapping: the other order fails under TP (docs/design.md, traps).
     # Per-op selective checkpointing is the exception: the compiler enforces its policy.
     ac = job_config.activation_checkpoint
+    if ac.mlp_chunk_size:  # before compile: the tile size is a constant of the compiled graph
+        apply_mlp_tiling(model, ac.mlp_chunk_size)
     per_op = is_per_op(ac.mode, ac.selective_ac_option)
     if per_op:
         apply_ac(model, ac.mode, ac.selective_ac_option)
@@ -31,6 +33,9 @@ def parallelize_decoder(model: nn.Module, parallel_dims: ParallelDims, job_confi
         apply_compile(model, job_config.compile.backend)
     if not per_op:
         apply_ac(model, ac.mode, ac.selective_ac_option)
+    # Offload hooks go around the checkpointed (and compiled) call: dynamo does not trace them.
+    if ac.cpu_offload:
+        apply_activation_offload(model, ac.mode, ac.selective_ac_option)
     # FSDP last, over whatever wrappers the blocks now wear; dp and cp ranks shard the weights.
     if parallel_dims.fsdp_enabled or torch.cuda.is_available():
         param_dtype = torch.bfloat16 if job_config.training.mixed_precision_param == "bfloat16" else torch.float32
