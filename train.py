@@ -77,7 +77,7 @@ def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, 
     global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * parallel_dims.dp
     loader = StepLoader(recipe.build_stream(padded_len), training.local_batch_size, global_batch,
                         parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank())
-    metrics = MetricsLogger(job_config, device, model_args.flops_per_token(padded_len), training.steps, dist.get_rank())
+    metrics = MetricsLogger(job_config, device, model_args, padded_len, training.steps, dist.get_rank())
     checkpointer = Checkpointer(job_config, model, optimizers, lr_schedulers, loader, spec, model_args, source)
     start = checkpointer.resume()  # the last step the run's own checkpoint holds; 0 on a fresh start
     records = []

@@ -7,17 +7,38 @@ import time
 
 import torch
 from torchtitan.components.metrics import TensorBoardLogger
-from torchtitan.tools.utils import get_peak_flops
 
-H100_BF16_DENSE_FLOPS = 989.4e12  # H100 SXM dense bf16: the MFU denominator (docs/design.md, flops)
+# Dense bf16 tensor-core peaks (no 2:4 sparsity), from NVIDIA's datasheets; the first entry
+# whose words all appear in torch.cuda.get_device_name wins, so the specific names come first.
+PEAK_BF16_DENSE_FLOPS = (
+    (("H100", "NVL"), 835e12),
+    (("H100", "PCIe"), 756e12),
+    (("H100",), 989.4e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    (("H200", "NVL"), 835e12),
+    (("H200",), 989.4e12),  # SXM: the H100 SXM's compute with more memory
+    (("GH200",), 989.4e12),
+    (("A100",), 312e12),
+    (("B200",), 2250e12),
+    (("B100",), 1750e12),
+)
+
+
+def peak_flops_for(device_name: str) -> float:
+    """Dense bf16 peak of a CUDA device by its name; 0 when unknown (mfu is then reported as 0,
+    not against another card's peak)."""
+    for words, flops in PEAK_BF16_DENSE_FLOPS:
+        if all(w in device_name for w in words):
+            return flops
+    return 0.0
 
 
 def peak_flops(device: torch.device) -> float:
-    """Dense bf16 peak of the device; 0 where unknown (CPU), which reports mfu = 0."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return H100_BF16_DENSE_FLOPS if ("H100" in name or "H200" in name) else get_peak_flops(name)
+    return peak_flops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: int, peak: float) -> float:
+    """Model flops utilization: the model's flops per second against the device's peak."""
+    return tokens_per_s_per_device * flops_per_token / peak if peak else 0.0
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -29,8 +50,10 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Only rank 0 writes. `log` takes the step's numbers and derives throughput, MFU and memory."""
 
-    def __init__(self, job_config, device: torch.device, flops_per_token: int, total_steps: int, rank: int):
-        self.device, self.flops_per_token, self.total_steps = device, flops_per_token, total_steps
+    def __init__(self, job_config, device: torch.device, model_args, seq_len: int, total_steps: int, rank: int):
+        self.device, self.total_steps = device, total_steps
+        self.flops_per_token = model_args.flops_per_token(seq_len)
+        self.causal_flops_per_token = model_args.flops_per_token(seq_len, causal=True)
         self.enabled = rank == 0
         self.peak = peak_flops(device)
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -52,16 +75,17 @@ class MetricsLogger:
         elapsed, self.last = now - self.last, now
         tokens_per_s = tokens_per_step * (step - self.last_step) / elapsed
         self.last_step = step
-        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12  # per device
+        per_device = tokens_per_s / self.world_size
         record = {
             "step": step,
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": tokens_per_s / self.world_size,
-            "tflops": tflops,
-            "mfu": tflops * 1e12 / self.peak if self.peak else 0.0,
+            "tokens_per_s_per_device": per_device,
+            "tflops": self.flops_per_token * per_device / 1e12,
+            "mfu": mfu(per_device, self.flops_per_token, self.peak),
+            "mfu_causal": mfu(per_device, self.causal_flops_per_token, self.peak),
             "memory_gib": peak_memory_gib(self.device),
             **extra,
         }

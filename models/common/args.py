@@ -44,11 +44,20 @@ class DecoderArgs:
             n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return n
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training flops per token, torchtitan's convention (docs/design.md, flops):
-        6 * non-embedding params + 6 * d * V (output projection) + 12 * L * H * Q * T (attention)."""
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> int:
+        """Training flops per token (forward + backward = 3 x forward, 2 flops per multiply-add;
+        Kaplan et al. 2020 and PaLM's appendix B, arXiv:2204.02311), torchtitan's convention
+        (docs/design.md, flops):
+
+            6 * N_nonembedding + 6 * dim * vocab (output projection) + 12 * L * H * head_dim * T
+
+        The attention term counts every query against all T keys (QK^T and PV, 2 x 2 x T x H x
+        head_dim per token, times 3): what torchtitan and most papers report. causal=True counts
+        only the causal half a masked kernel computes (6 instead of 12), the work actually done.
+        Recomputation by activation checkpointing is never counted (MFU, not HFU)."""
         n = self.num_params(include_embedding=False)
-        return 6 * n + 6 * self.dim * self.vocab_size + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        attention = (6 if causal else 12) * self.n_layers * self.n_heads * self.head_dim * seq_len
+        return 6 * n + 6 * self.dim * self.vocab_size + attention
 
 
 # HF config.json <-> DecoderArgs. Flags (qkv_bias, qk_norm) come from the family, not the file.

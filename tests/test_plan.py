@@ -1,0 +1,92 @@
+"""The memory planner's and the MFU's arithmetic, against hand computations and the model itself."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from components.config import ConfigError
+from components.memory_plan import GIB, Layout, block_params, largest_term, longest_seq, plan_memory, root_params
+from components.metrics import mfu, peak_flops_for
+from models.common.decoder import Decoder
+from models.qwen2 import qwen2_flavors
+from models.qwen3 import qwen3_flavors
+from scripts import plan
+
+QWEN3_06B = qwen3_flavors["0.6B"]
+
+
+@pytest.mark.parametrize("args", [qwen3_flavors["debugmodel"], qwen3_flavors["8B"], qwen2_flavors["2.5-0.5B"]],
+                         ids=["qwen3 debug (tied)", "qwen3 8B", "qwen2.5 0.5B (qkv bias)"])
+def test_parameter_counts_match_the_built_model(args):
+    with torch.device("meta"):
+        model = Decoder(args)
+    assert sum(p.numel() for p in model.parameters()) == args.num_params()
+    block = model.layers["0"]
+    assert sum(p.numel() for p in block.parameters()) == block_params(args)
+    assert block_params(args) * args.n_layers + root_params(args) == args.num_params()
+
+
+def test_state_and_activation_terms_by_hand():
+    a, seq = QWEN3_06B, 131072
+    n = a.num_params()
+    terms, host = plan_memory(a, Layout(seq_len=seq, dp_shard=2, cp=2, ac="full"))
+    assert terms["fp32 weights"] == 4 * n // 4 and terms["AdamW state"] == 8 * n // 4 and not host
+    # 28 block inputs of seq / cp tokens, bf16.
+    assert terms["checkpointed activations"] == 28 * (seq // 2) * 1024 * 2
+    # Never resharding keeps every block's bf16 copy gathered; otherwise the root and two blocks.
+    assert plan_memory(a, Layout(seq_len=seq, reshard_after_forward=False))[0]["gathered bf16 weights"] == 2 * n
+    assert terms["gathered bf16 weights"] == 2 * (root_params(a) + 2 * block_params(a))
+
+    offloaded, host = plan_memory(a, Layout(seq_len=seq, dp_shard=2, cp=2, ac="full", cpu_offload=True,
+                                            activation_offload=True))
+    assert offloaded["fp32 weights"] == offloaded["AdamW state"] == 0
+    assert host["fp32 weights"] + host["AdamW state"] + host["fp32 grads"] == 16 * n // 4
+    assert host["checkpointed block inputs"] == terms["checkpointed activations"]
+    assert offloaded["checkpointed activations"] == (seq // 2) * 1024 * 2  # the one reloaded ahead
+    assert offloaded["peak"] < terms["peak"]
+
+
+def test_tiling_removes_hidden_wide_activations():
+    a, seq = QWEN3_06B, 65536
+    whole = plan_memory(a, Layout(seq_len=seq, ac="none"))[0]
+    tiled = plan_memory(a, Layout(seq_len=seq, ac="none", mlp_chunk=4096))[0]
+    # 4 hidden-wide bf16 values per token per block are no longer saved.
+    assert whole["checkpointed activations"] - tiled["checkpointed activations"] == 28 * seq * 4 * 3072 * 2
+
+
+def test_longest_seq_is_the_last_length_that_fits():
+    layout = Layout(seq_len=0, ac="full")
+    budget = 40 * GIB
+    longest = longest_seq(QWEN3_06B, layout, budget, 1e15, 1)
+    assert longest % 1024 == 0 and longest > 0
+    assert plan_memory(QWEN3_06B, dataclasses.replace(layout, seq_len=longest))[0]["peak"] <= budget
+    assert plan_memory(QWEN3_06B, dataclasses.replace(layout, seq_len=longest + 1024))[0]["peak"] > budget
+
+
+def test_plan_script_reports_fit_the_breaking_term_and_refusals(capsys):
+    config = ["--job.config_file", "train_configs/qwen3_bench.toml", "--activation_checkpoint.mode", "full"]
+    plan.main(config + ["--training.seq_len", "524288", "--gpu-mem-gib", "20", "--max-seq"])
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "largest term: checkpointed activations" in out, out
+    assert "longest training.seq_len that fits" in out
+    with pytest.raises(ConfigError, match="not divisible by dp_replicate"):
+        plan.main(config + ["--ngpu", "2", "--parallelism.tensor_parallel_degree", "3"])
+    assert largest_term({"a": 1, "b": 3, "peak": 4}) == "b"
+
+
+def test_flops_per_token_and_mfu_by_hand():
+    a, seq = QWEN3_06B, 8192
+    dense = 6 * a.num_params(include_embedding=False) + 6 * 1024 * 151936
+    assert a.flops_per_token(seq) == dense + 12 * 28 * 16 * 128 * seq
+    assert a.flops_per_token(seq, causal=True) == dense + 6 * 28 * 16 * 128 * seq
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_for("NVIDIA H200") == 989.4e12
+    assert peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_for("NVIDIA B200") == 2250e12
+    assert peak_flops_for("Tesla T4") == 0.0
+    # 50K tokens/s at 4.32 GFLOP/token on an H100 SXM: 0.218.
+    assert mfu(50_000, a.flops_per_token(seq), 989.4e12) == pytest.approx(50_000 * a.flops_per_token(seq) / 989.4e12)
+    assert mfu(50_000, a.flops_per_token(seq), 0.0) == 0.0
