@@ -1,0 +1,60 @@
+"""Forward + backward speed of each SDPA kernel for causal GQA on this GPU (Qwen3: 16 q / 8 kv heads).
+
+    python scripts/probe_attention.py
+
+What models/common/attention.py's kernel order (SDPA_BACKENDS) rests on; docs/performance.md
+holds the last measurement.
+"""
+
+import time
+
+import torch
+
+
+def sync(device) -> None:
+    torch.cuda.synchronize(device)
+
+
+def free() -> None:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def probe_attention(device):
+    """Forward+backward time of causal GQA SDPA (Qwen3: 16 q heads, 8 kv heads, head_dim 128)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print(f"SDPA causal GQA fwd+bwd, bf16, H=16 KV=8 D=128 | {torch.cuda.get_device_name()} | torch {torch.__version__}")
+    print(f"{'kernel':<22}{'kv':<9}{'T':>7}{'ms':>9}{'TFLOP/s':>9}")
+    for seq in (8192, 32768):
+        flops = 3.5 * 2 * 2 * 16 * 128 * seq * seq / 2  # causal: half of QK^T and PV; backward ~2.5x forward
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            for gqa in (True, False):
+                q = torch.randn(1, 16, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+                kv_heads = 8 if gqa else 16
+                k, v = (torch.randn(1, kv_heads, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+                        for _ in range(2))
+                label = "enable_gqa" if gqa else "expanded"
+                try:
+                    def run():
+                        with sdpa_kernel([backend]):
+                            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+                        out.backward(torch.ones_like(out))
+                    for _ in range(2):
+                        run()
+                    sync(device)
+                    start, n = time.perf_counter(), 5
+                    for _ in range(n):
+                        run()
+                    sync(device)
+                    ms = (time.perf_counter() - start) / n * 1e3
+                    print(f"{backend.name:<22}{label:<9}{seq:>7}{ms:>9.2f}{flops / ms / 1e9:>9.0f}", flush=True)
+                except RuntimeError as e:
+                    print(f"{backend.name:<22}{label:<9}{seq:>7}  unavailable: {str(e).splitlines()[0][:80]}")
+                del q, k, v
+                free()
+
+
+
+if __name__ == "__main__":
+    probe_attention(torch.device("cuda"))
