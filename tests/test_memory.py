@@ -95,3 +95,15 @@ def test_offload_and_tiling_under_fsdp_and_ulysses_match_one_process(hf_dir, tmp
     cases = [overrides(hf_dir, str(tmp_path / name.replace(" ", "_")), layout) for name, layout in layouts.items()]
     for name, result in zip(layouts, run_on_ranks(2, train_layouts, cases)):
         assert_matches_reference(result, reference, name)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--activation_checkpoint.cpu_offload"], "set activation_checkpoint.mode full or selective"),
+    (["--activation_checkpoint.mode", "full", "--activation_checkpoint.mlp_chunk_size", "-1"], "give 0 \\(off\\)"),
+])
+def test_memory_settings_that_mean_nothing_are_refused(flags, message):
+    from components.build import validate
+    from components.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        validate(parse_config(["--job.config_file", "train_configs/debug.toml", *flags]))
