@@ -38,8 +38,8 @@ def layout_for(config_args: list[str], ngpu: int):
     p = job_config.parallelism
     try:
         dims = ParallelDims(dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
-                            cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, world_size=ngpu)
-        dims.validate_heads(model_args.n_heads, model_args.n_kv_heads)
+                            cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, world_size=ngpu,
+                            cp_ulysses=p.context_parallel_ulysses_degree).for_heads(model_args.n_heads, model_args.n_kv_heads)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return job_config, model_args, layout_from_config(job_config, dims)
