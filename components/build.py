@@ -74,8 +74,6 @@ def _validate(job_config: JobConfig):
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         cp_ulysses=p.context_parallel_ulysses_degree,
     ).for_heads(model_args.n_heads, model_args.n_kv_heads)
-    if p.pipeline_parallel_degree != 1 or p.expert_parallel_degree != 1:
-        raise ConfigError("pipeline and expert parallel are not supported; use dp_replicate, dp_shard, cp and tp")
     ac = job_config.activation_checkpoint
     blocks_to_checkpoint(ac.mode, ac.selective_ac_option, model_args.n_layers)  # refuses a bad mode or option
     if ac.cpu_offload and ac.mode == "none":
@@ -86,6 +84,12 @@ def _validate(job_config: JobConfig):
     recipe = build_recipe(job_config)
     if recipe.vocab_size > model_args.vocab_size:
         raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")
+    # Token ids given as numbers in the data (policy rollouts); out of range, one would be a
+    # device-side assert at the step that reaches it.
+    largest_id, where = getattr(recipe, "largest_token_id", (-1, ""))
+    if largest_id >= model_args.vocab_size:
+        raise DataError(f"{where}: token id {largest_id} >= the model's vocab_size {model_args.vocab_size}; "
+                        "the rollouts were tokenized for another model")
     return spec, model_args, parallel_dims, recipe
 
 

@@ -243,10 +243,7 @@ class Checkpointer:
     {dump_folder}/hf/step-N every checkpoint.export_interval steps and, with last_save_in_hf, at the end."""
 
     def __init__(self, job_config, model, optimizers, lr_schedulers, loader, spec, model_args, source: WeightSource):
-        ckpt = job_config.checkpoint
-        if ckpt.enable and ckpt.keep_latest_k == 1:
-            raise CheckpointError("checkpoint.keep_latest_k=1 would leave no complete checkpoint while the next one "
-                                  "is written; use 0 (keep all) or >= 2")
+        ckpt = job_config.checkpoint  # keep_latest_k=1 is refused at config time (components/config.py)
         self.job_config, self.model, self.spec, self.model_args, self.source = job_config, model, spec, model_args, source
         self.folder = checkpoint_folder(job_config)
         self.train_state = TrainState()

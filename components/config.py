@@ -4,8 +4,10 @@ Every error while parsing becomes one line naming the bad key or value (ConfigEr
 
 import contextlib
 import io
+import math
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 import types
 from typing import Literal, Union, get_args, get_origin
@@ -120,6 +122,7 @@ def _check_cli_keys(args: list[str]) -> None:
             continue
         key = arg[2:].split("=", 1)[0].replace("-", "_")
         section, _, name = key.partition(".")
+        name = name.split(".")[0]  # a nested section's key (training.dataloader.num_workers): tyro checks the rest
         if section not in sections or not is_dataclass(sections[section]):
             raise ConfigError(f"unknown config section in {arg!r}; valid sections: {', '.join(sections)}")
         valid = {f.name for f in fields(sections[section])}
@@ -135,13 +138,16 @@ def _one_line(tyro_output: str) -> str:
     return match.group(1) if match else text[:300]
 
 
-def _check_config_file(args: list[str]) -> None:
+def _config_file(args: list[str]) -> str | None:
+    """The --job.config_file argument, which must exist."""
     for i, arg in enumerate(args):
         key, _, value = arg.partition("=")
         if key.startswith("--") and key[2:].replace("-", "_") == "job.config_file":
             path = value or (args[i + 1] if i + 1 < len(args) else "")
             if not os.path.isfile(path):
                 raise ConfigError(f"--job.config_file {path!r} does not exist; see train_configs/ for examples")
+            return path
+    return None
 
 
 def _type_ok(value, annotation) -> bool:
@@ -179,9 +185,114 @@ def _check_types(config, section: str = "") -> None:
             raise ConfigError(f"{section}{f.name} = {value!r} does not match its type {f.type}; fix the TOML value")
 
 
+# The longest training.seq_len: RoPE angles are fp32 position x frequency (models/common/rope.py),
+# and fp32 holds every integer position exactly only up to 2**24 (16.8M, 16x the longest context
+# this repo targets); beyond it neighbouring tokens would share a position.
+MAX_SEQ_LEN = 2**24
+
+
+def _finite(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """Accepts finite numbers in the interval [low, high] (ends open where asked)."""
+    return lambda v: (math.isfinite(v) and (v > low if low_open else v >= low)
+                      and (v < high if high_open else v <= high))
+
+
+# Every numeric key whose nonsense value would crash later (after the process group, or hours in)
+# or train silently wrong: (key, accepts the value, what to set). [validation] and [profiling]
+# check their own in train.py.
+VALUE_RULES = (
+    ("job.dump_folder", lambda v: not os.path.isfile(v), "a folder, not a file"),
+    ("training.steps", _finite(1), "an integer >= 1 (the optimizer steps to run; 0 would train nothing)"),
+    ("training.seq_len", _finite(1, MAX_SEQ_LEN),
+     f"between 1 and 2**24 = {MAX_SEQ_LEN} (RoPE positions are fp32, exact only up to 2**24)"),
+    ("training.local_batch_size", _finite(1), "an integer >= 1"),
+    ("training.global_batch_size", lambda v: v == -1 or v >= 1, "-1 (local_batch_size x dp) or an integer >= 1"),
+    ("training.max_norm", _finite(0, low_open=True), "a finite number > 0 (gradient clipping)"),
+    ("optimizer.name", lambda v: v in ("Adam", "AdamW"), '"AdamW" or "Adam"'),
+    ("optimizer.lr", _finite(0), "a finite number >= 0"),
+    ("optimizer.beta1", _finite(0, 1, high_open=True), "a number in [0, 1)"),
+    ("optimizer.beta2", _finite(0, 1, high_open=True), "a number in [0, 1)"),
+    ("optimizer.eps", _finite(0), "a finite number >= 0"),
+    ("optimizer.weight_decay", _finite(0), "a finite number >= 0"),
+    ("lr_scheduler.warmup_steps", _finite(0), "an integer >= 0"),
+    ("lr_scheduler.total_steps", lambda v: v is None or v >= 1, "an integer >= 1 (unset: training.steps)"),
+    ("lr_scheduler.decay_ratio", lambda v: v is None or _finite(0, 1)(v), "a number in [0, 1] (unset: decay after warmup)"),
+    ("lr_scheduler.min_lr_factor", _finite(0, 1), "a number in [0, 1]"),
+    ("checkpoint.interval", _finite(1), "an integer >= 1 (steps between saves)"),
+    ("checkpoint.keep_latest_k", lambda v: v == 0 or v >= 2,
+     "0 (keep all) or >= 2: with 1, no complete checkpoint would exist while the next one is written"),
+    ("checkpoint.load_step", lambda v: v >= -1, "-1 (the latest) or a saved step"),
+    ("checkpoint.export_interval", _finite(0), "an integer >= 0 (0: never)"),
+    ("checkpoint.export_max_shard_gb", _finite(0, low_open=True), "a finite number > 0"),
+    ("metrics.log_freq", _finite(1), "an integer >= 1 (steps between logged lines)"),
+    ("comm.init_timeout_seconds", _finite(1), "an integer >= 1"),
+    ("debug.seed", lambda v: v is None or v >= 0, "an integer >= 0"),
+    ("recipe.loss_chunk_size", _finite(1), "an integer >= 1 (tokens per cross-entropy chunk)"),
+    ("recipe.clip_eps", _finite(0, low_open=True), "a finite number > 0 (PPO's clip range)"),
+)
+
+ALL = "*"
+# Keys inherited from torchtitan's JobConfig that no code here reads (found by grepping this repo
+# and the torchtitan functions it calls: build_optimizers, build_lr_schedulers, CheckpointManager,
+# ConfigManager). Accepted, they would let a user believe that e.g. float8, pipeline parallel or
+# wandb is on; so each is refused when set to anything but its default. ALL: the whole section.
+# Keys that components/config.py adds are all read; [validation] and [profiling] are train.py's.
+UNSUPPORTED = {
+    "job": ("print_config", "save_config_file", "custom_config_module"),  # description: the TOML's own label
+    "metrics": ("disable_color_printing", "save_for_all_ranks", "enable_wandb"),
+    "model": ("tokenizer_path", "converters", "print_after_conversion"),  # model.hf_assets_path holds the tokenizer
+    "optimizer": ("early_step_in_backward",),  # it would step before gradient clipping
+    "training": ("dtype", "mixed_precision_reduce", "gc_freq", "gc_debug", "dataloader"),
+    "parallelism": ("enable_async_tensor_parallel", "pipeline_parallel_degree", "module_fqns_per_model_part",
+                    "pipeline_parallel_first_stage_less_layers", "pipeline_parallel_last_stage_less_layers",
+                    "pipeline_parallel_layers_per_stage", "pipeline_parallel_schedule", "pipeline_parallel_schedule_csv",
+                    "pipeline_parallel_microbatch_size", "pipeline_parallel_expert_parallel_overlap",
+                    "context_parallel_load_balancer", "context_parallel_rotate_method",  # ring attention's; ours is Ulysses
+                    "expert_parallel_degree", "expert_tensor_parallel_degree", "expert_parallel_comm_backend"),
+    "checkpoint": ("enable_ft_dataloader_checkpoints", "initial_load_in_hf_quantized", "last_save_model_only",
+                   "create_seed_checkpoint"),
+    "activation_checkpoint": ("per_op_sac_force_recompute_mm_shapes_by_fqns", "early_stop", "memory_budget",
+                              "visualize_memory_budget_pareto", "preserve_rng_state", "determinism_check", "debug"),
+    "compile": ("components",),
+    "comm": ("train_timeout_seconds", "trace_buf_size", "save_traces_folder", "save_traces_file_prefix", "mode"),
+    "debug": ("deterministic_warn_only", "moe_force_load_balance"),
+    "quantize": ALL,
+    "memory_estimation": ALL,
+    "fault_tolerance": ALL,
+    "experimental": ALL,
+}
+
+
+def _check_values(config: JobConfig) -> None:
+    for key, accepts, requirement in VALUE_RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not accepts(value):
+            raise ConfigError(f"{key}={value!r} is invalid: it must be {requirement}")
+
+
+def _changed(values, defaults, prefix: str, names):
+    """(key, value) of every field in names (ALL: every one) that differs from defaults, nested sections too."""
+    for f in fields(values):
+        value, default = getattr(values, f.name), getattr(defaults, f.name)
+        if names != ALL and f.name not in names:
+            continue
+        if is_dataclass(value):
+            yield from _changed(value, default, f"{prefix}.{f.name}", ALL)
+        elif value != default:
+            yield f"{prefix}.{f.name}", value
+
+
+def _check_supported(config: JobConfig) -> None:
+    for section, names in UNSUPPORTED.items():
+        values = getattr(config, section)
+        for key, value in _changed(values, type(values)(), section, names):
+            raise ConfigError(f"{key}={value!r} is not supported here (a torchtitan key this repo never reads); remove it")
+
+
 def parse_config(args: list[str]) -> JobConfig:
     _check_cli_keys(args)
-    _check_config_file(args)
+    config_file = _config_file(args)
     manager = ConfigManager(JobConfig)
     stderr = io.StringIO()
     try:
@@ -191,8 +302,12 @@ def parse_config(args: list[str]) -> JobConfig:
         if e.code in (0, None):  # --help
             raise
         raise ConfigError(_one_line(stderr.getvalue())) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{config_file}: TOML syntax error: {' '.join(str(e).split())}") from None
     except (ValueError, TypeError, OSError) as e:
         message = " ".join(str(e).split())
         raise ConfigError(f"bad job config: {message}") from None
     _check_types(config)
+    _check_values(config)
+    _check_supported(config)
     return config

@@ -47,13 +47,39 @@ class PolicyRecipe:
             self.chat = ChatTemplate(self.tokenizer, assets, job_config.recipe.chat_template_kwargs)
         training = job_config.training
         self.documents = load_documents(training.dataset_path, training.dataset, text_field=None)
-        check_columns(self.documents.column_names, training.dataset_path)
+        self.largest_token_id = self.check_rollouts(training.dataset_path)
+
+    def check_rollouts(self, path: str) -> tuple[int, str]:
+        """Every rollout, before step 1 (a rollouts file is bounded in size): a bad one would
+        otherwise stop the run at the step that reaches it, hours in. Returns the largest token id
+        and its file:line, which build.validate holds against the model's vocab_size."""
+        largest, labelled = (-1, ""), 0
+        for index in range(len(self.documents)):
+            record = self.documents[index]  # malformed JSON / not UTF-8: refused here, file:line
+            try:
+                tokens, labels, _, _ = self.encode(record)
+            except DataError as e:
+                raise DataError(f"{self.documents.where(index)}: {e}") from None
+            largest = max(largest, (max(tokens), self.documents.where(index)))
+            labelled += len(labels) - labels.count(IGNORE_INDEX)
+        if labelled == 0:
+            raise DataError(f"no rollout in {path!r} has a response token: nothing to train on")
+        return largest
 
     def token_ids(self, record: dict, name: str) -> list[int]:
-        if record.get(f"{name}_ids") is not None:
-            return list(record[f"{name}_ids"])
+        ids = record.get(f"{name}_ids")
+        if ids is not None:
+            bad = next((t for t in ids if type(t) is not int or t < 0), None) if isinstance(ids, list) else ids
+            if bad is not None:
+                raise DataError(f"{name}_ids holds {bad!r}; token ids are integers >= 0")
+            return list(ids)
+        if record.get(name) is None:
+            raise DataError(f"the rollout has no {name}_ids or {name}; rollouts need prompt_ids/prompt, "
+                            "response_ids/response and advantage")
+        if not isinstance(record[name], str):
+            raise DataError(f"{name} is a {type(record[name]).__name__}, not a string")
         if self.tokenizer is None:
-            raise DataError(f"a rollout has {name!r} text but no {name}_ids, and model.hf_assets_path="
+            raise DataError(f"the rollout has {name!r} text but no {name}_ids, and model.hf_assets_path="
                             f"{self.job_config.model.hf_assets_path!r} has no tokenizer.json; give ids or a tokenizer")
         return self.tokenizer.encode(record[name])
 
@@ -64,18 +90,24 @@ class PolicyRecipe:
         else:
             prompt, response = self.token_ids(record, "prompt"), self.token_ids(record, "response")
         if not prompt:
-            raise DataError("a rollout has an empty prompt; the first response token needs at least one token before it")
-        if record.get("advantage") is None:
-            raise DataError("a rollout has no advantage; give every rollout a float advantage (e.g. reward - group mean)")
+            raise DataError("the rollout has an empty prompt; the first response token needs at least one token before it")
+        advantage = record.get("advantage")
+        if not _is_number(advantage) or not math.isfinite(advantage):
+            raise DataError(f"advantage={advantage!r}; give every rollout a finite number (e.g. reward - group mean)")
         old = record.get("old_logprobs")
         if old is None:
             old = [math.nan] * len(response)  # NaN: "take the current log p", see loss_sum
-        elif len(old) != len(response):
-            raise DataError(f"a rollout has {len(old)} old_logprobs for {len(response)} response tokens; give one per response token")
+        elif not isinstance(old, list) or len(old) != len(response):
+            raise DataError(f"old_logprobs is not a list of {len(response)} numbers, one per response token")
+        else:
+            # A log-probability is finite and <= 0: anything else makes the importance ratio inf or NaN.
+            bad = next((x for x in old if not _is_number(x) or not (math.isfinite(x) and x <= 0)), None)
+            if bad is not None:
+                raise DataError(f"old_logprobs holds {bad!r}; a log-probability is a finite number <= 0")
         # Position i predicts token i+1: the last prompt token predicts the first response token.
         before, after = [IGNORE_INDEX] * (len(prompt) - 1), [IGNORE_INDEX]
         labels = before + response + after
-        advantages = [0.0] * len(before) + [float(record["advantage"])] * len(response) + [0.0]
+        advantages = [0.0] * len(before) + [float(advantage)] * len(response) + [0.0]
         old_logprobs = [0.0] * len(before) + [float(x) for x in old] + [0.0]
         return prompt + response, labels, advantages, old_logprobs
 
@@ -106,8 +138,5 @@ class PolicyRecipe:
         return loss, metric_sums
 
 
-def check_columns(columns: list[str], path: str) -> None:
-    for need in (("prompt_ids", "prompt"), ("response_ids", "response"), ("advantage",)):
-        if not set(need) & set(columns):
-            raise DataError(f"{path!r} has no column {' or '.join(map(repr, need))} (columns: {columns}); "
-                            "rollouts need prompt_ids/prompt, response_ids/response and advantage")
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -4,9 +4,11 @@ training.dataset_path is raw documents (tokenized on the fly, every rank the who
 data) or a folder written by scripts/tokenize_corpus.py (each rank reads only its rows: any size)."""
 
 import functools
+from array import array
 
 import torch
 
+from components.config import MAX_SEQ_LEN
 from models.common.loss import chunked_cross_entropy_sum
 from recipes.data import HFTokenizer, PackedStream, load_documents, next_token_labels
 from recipes.tokenized import TokenCorpus, TokenStream, is_token_folder
@@ -16,6 +18,12 @@ def document_tokens(tokenizer: HFTokenizer, text: str) -> list[int]:
     """A document as pretraining sees it: EOS closes it, so the model learns where text ends."""
     return tokenizer.encode(text) + [tokenizer.eos_id]
 
+# Tokens of documents kept tokenized (int32: 64 MiB at most). A corpus smaller than a row is
+# re-read many times per row (epochs wrap); one below this is tokenized once. It is the longest
+# seq_len the config accepts, so a corpus the cache cannot hold is longer than a row: a row then
+# tokenizes at most its own length of text, as with any corpus.
+CACHED_TOKENS = MAX_SEQ_LEN
+
 
 class PretrainRecipe:
     def __init__(self, job_config):
@@ -24,13 +32,22 @@ class PretrainRecipe:
         training = job_config.training
         if is_token_folder(training.dataset_path):
             self.documents = TokenCorpus(training.dataset_path, self.tokenizer)
-        else:
+        else:  # each document's text is checked (a string, UTF-8, valid JSON) as it is read: file:line
             self.documents = load_documents(training.dataset_path, training.dataset, job_config.recipe.text_field)
         self.text_field = job_config.recipe.text_field
         self.vocab_size = self.tokenizer.vocab_size
+        self.cache: dict[str, array] = {}  # document text -> its tokens and EOS
+        self.cached_tokens = 0
 
     def encode(self, record: dict) -> tuple[list[int], list[int]]:
-        tokens = document_tokens(self.tokenizer, record[self.text_field])
+        text = record[self.text_field]
+        tokens = self.cache.get(text)
+        if tokens is None:
+            tokens = array("i", document_tokens(self.tokenizer, text))
+            if self.cached_tokens + len(tokens) <= CACHED_TOKENS:
+                self.cache[text] = tokens
+                self.cached_tokens += len(tokens)
+        tokens = tokens.tolist()
         return tokens, next_token_labels(tokens)
 
     def build_stream(self, padded_len: int) -> PackedStream | TokenStream:

@@ -32,7 +32,7 @@ from components.checkpoint import weight_source  # noqa: E402
 from components.config import ConfigError, parse_config  # noqa: E402
 from models.common.loss import IGNORE_INDEX  # noqa: E402
 from parallelisms.context_parallel import unshard_row  # noqa: E402
-from recipes.data import collate, pack_greedy, pack_row  # noqa: E402
+from recipes.data import collate, load_documents, pack_greedy, pack_row  # noqa: E402
 from recipes.policy import EXTRA_FIELDS  # noqa: E402
 
 
@@ -43,8 +43,15 @@ def config_args(model_dir: str | None, input_path: str, overrides: list[str]) ->
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return list(load_documents(path, "json", text_field=None))
+
+
+def check_output(path: str) -> None:
+    """Before any forward: a path that cannot be written would otherwise fail after all of them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or os.path.isdir(path):
+        problem = "is a folder" if os.path.isdir(path) else f"is in {folder!r}, which does not exist"
+        raise ConfigError(f"--output {path!r} {problem}; give a file path in an existing folder")
 
 
 @torch.no_grad()
@@ -92,6 +99,7 @@ def main(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     if not args.model_dir and not any(a.split("=")[0] == "--job.config_file" for a in overrides):
         raise ConfigError("give --model-dir HF_DIR, or --job.config_file CONFIG with the checkpoint to score")
+    check_output(args.output)
     job_config = parse_config(config_args(args.model_dir, args.input, overrides))
     spec, model_args, parallel_dims, recipe = build.validate(job_config)
     rollouts = read_jsonl(args.input)
