@@ -1,22 +1,26 @@
 """Every bad input ends in one `error:` line and exit code 2 before work starts, naming the key and
-value or the file:line: config values, inherited torchtitan keys this repo never reads, data files,
-policy rollouts, the tokenizer, and compute_logprobs' output path. A corpus smaller than one row
-still trains.
+value or the file:line: config values, torchtitan keys this repo never reads, data files, policy
+rollouts, the tokenizer, and compute_logprobs' output path. A corpus smaller than one row trains.
 
-All train.py cases run in one process (tests/run_train_cases.py) to pay the torch import once."""
+Each class goes once through train.py's `__main__` (all in one process: tests/run_train_cases.py);
+the many values of a class are checked in this process, on the function that refuses them."""
 
+import copy
 import json
 import os
 
 import pytest
 
-from components.config import ConfigError
+from components.config import UNSUPPORTED, VALUE_RULES, ConfigError, JobConfig, _check_supported, _check_values, parse_config
+from recipes.data import DataError, HFTokenizer, load_documents
+from recipes.policy import PolicyRecipe
 from scripts import compute_logprobs as logprobs_script
 from tests.conftest import ROOT
 from tests.test_train import CONFIG, run_python
 
 POLICY = os.path.join(ROOT, "train_configs", "debug_policy.toml")
 DEBUG_VOCAB = 2048  # the debug model's vocab_size (models/qwen3/__init__.py)
+DOCS = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3))
 
 
 def _file(path, text: str | bytes) -> str:
@@ -30,81 +34,45 @@ def _rollouts(path, record: dict) -> str:
     return _file(path, "".join(json.dumps(r) + "\n" for r in (good, record)))
 
 
-def _cases(tmp) -> dict[str, tuple[list[str], str]]:
+# ---- one case per class, end to end: exit code 2, one line -------------------------------------
+
+def _end_to_end_cases(tmp) -> dict[str, tuple[list[str], str]]:
     """name -> (train.py arguments, what the one error line must name)."""
-    toml = open(CONFIG).read()
-    docs = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3))
     bad_tokenizer = tmp / "bad_tokenizer"
     bad_tokenizer.mkdir()
     _file(bad_tokenizer / "tokenizer.json", '{"model": {"type": "BPE", ')
-    config = {
-        # [training] and friends: values that crashed later or did nothing
-        "steps 0": (["--training.steps", "0"], "training.steps=0"),
-        "seq_len 0": (["--training.seq_len", "0"], "training.seq_len=0"),
-        "seq_len beyond fp32 positions": (["--training.seq_len", "100000000"], "training.seq_len=100000000"),
-        "lr NaN": (["--optimizer.lr", "nan"], "optimizer.lr=nan"),
-        "lr < 0": (["--optimizer.lr", "-1e-3"], "optimizer.lr=-0.001"),
-        "local_batch_size 0": (["--training.local_batch_size", "0"], "training.local_batch_size=0"),
-        "global_batch_size 0": (["--training.global_batch_size", "0"], "training.global_batch_size=0"),
-        "max_norm 0": (["--training.max_norm", "0"], "training.max_norm=0"),
-        "warmup_steps < 0": (["--lr_scheduler.warmup_steps", "-1"], "lr_scheduler.warmup_steps=-1"),
-        "checkpoint.interval 0": (["--checkpoint.interval", "0"], "checkpoint.interval=0"),
-        "keep_latest_k < 0": (["--checkpoint.keep_latest_k", "-1"], "checkpoint.keep_latest_k=-1"),
-        "log_freq 0": (["--metrics.log_freq", "0"], "metrics.log_freq=0"),
-        "loss_chunk_size 0": (["--recipe.loss_chunk_size", "0"], "recipe.loss_chunk_size=0"),
-        "clip_eps 0": (["--recipe.clip_eps", "0"], "recipe.clip_eps=0"),
-        "dump_folder is a file": (["--job.dump_folder", os.path.join(ROOT, "README.md")], "README.md"),
+    f8 = open(CONFIG).read() + "\n[quantize.linear.float8]\nemulate = true\n"
+    return {
+        "steps 0": (["--job.config_file", CONFIG, "--training.steps", "0"], "training.steps=0"),
+        "seq_len no row can serve": (["--job.config_file", CONFIG, "--training.seq_len", "100000000"], "training.seq_len=100000000"),
         "TOML syntax error": (["--job.config_file", _file(tmp / "broken.toml", "[training]\nsteps = \n")], "broken.toml"),
-        # inherited torchtitan keys this repo never reads
-        "pipeline parallel": (["--parallelism.pipeline_parallel_degree", "2"], "parallelism.pipeline_parallel_degree=2"),
-        "fault tolerance": (["--fault_tolerance.enable"], "fault_tolerance.enable=True"),
-        "nested dataloader key": (["--training.dataloader.num_workers", "2"], "training.dataloader.num_workers=2"),
-        "float8 in TOML": (["--job.config_file", _file(tmp / "f8.toml", toml + "\n[quantize.linear.float8]\nemulate = true\n")],
-                           "quantize.linear.float8.emulate=True"),
+        "unsupported key": (["--job.config_file", CONFIG, "--parallelism.pipeline_parallel_degree", "2"],
+                            "parallelism.pipeline_parallel_degree=2"),
+        "unsupported nested TOML section": (["--job.config_file", _file(tmp / "f8.toml", f8)], "quantize.linear.float8.emulate=True"),
+        "empty jsonl": (["--job.config_file", CONFIG, "--training.dataset_path", _file(tmp / "empty.jsonl", "")], "empty.jsonl"),
+        "not UTF-8": (["--job.config_file", CONFIG, "--training.dataset_path",
+                       _file(tmp / "latin1.jsonl", '\n{"text": "caf\xe9"}\n'.encode("latin-1"))], "latin1.jsonl:2"),
+        "corrupt tokenizer.json": (["--job.config_file", CONFIG, "--model.hf_assets_path", str(bad_tokenizer)],
+                                   "bad_tokenizer/tokenizer.json"),
+        # Pretraining text is checked as it is read: line 4 is reached by step 1's packing.
+        "text missing mid-corpus": (["--job.config_file", CONFIG, "--training.seq_len", "64", "--training.local_batch_size", "1",
+                                     "--training.dataset_path", _file(tmp / "late.jsonl", DOCS + '{"txt": "x"}\n')], "late.jsonl:4"),
+        "token id >= vocab": (["--job.config_file", POLICY, "--training.dataset_path",
+                               _rollouts(tmp / "ids.jsonl", {"prompt_ids": [1], "response_ids": [DEBUG_VOCAB], "advantage": 1.0})],
+                              "ids.jsonl:2"),
     }
-    data = {
-        "empty jsonl": (tmp / "empty.jsonl", "", "empty.jsonl"),
-        "whitespace-only jsonl": (tmp / "blank.jsonl", " \n\n\t\n", "blank.jsonl"),
-        "whitespace-only text": (tmp / "blank.txt", "  \n \n", "blank.txt"),
-        "malformed JSON line": (tmp / "malformed.jsonl", '{"text": "oops\n' + docs, "malformed.jsonl:1"),
-        "not UTF-8": (tmp / "latin1.jsonl", '\n{"text": "caf\xe9"}\n'.encode("latin-1"), "latin1.jsonl:2"),
-        "text not a string": (tmp / "number.jsonl", '{"text": 17}\n' + docs, "number.jsonl:1"),
-    }
-    cases = {name: ([*args, "--job.config_file", CONFIG] if args[0] != "--job.config_file" else args, must)
-             for name, (args, must) in config.items()}
-    for name, (path, text, must) in data.items():
-        cases[name] = (["--job.config_file", CONFIG, "--training.dataset_path", _file(path, text)], must)
-    cases["corrupt tokenizer.json"] = (["--job.config_file", CONFIG, "--model.hf_assets_path", str(bad_tokenizer)],
-                                      "bad_tokenizer/tokenizer.json")
-    # Pretraining text is checked as it is read: line 4 is reached by step 1's packing.
-    cases["text missing mid-corpus"] = (["--job.config_file", CONFIG, "--training.seq_len", "64", "--training.local_batch_size", "1",
-                                         "--training.dataset_path", _file(tmp / "late.jsonl", docs + '{"txt": "x"}\n')], "late.jsonl:4")
-    policy = {
-        "token id >= vocab": ({"prompt_ids": [1], "response_ids": [DEBUG_VOCAB], "advantage": 1.0}, "ids.jsonl:2"),
-        "negative token id": ({"prompt_ids": [-1], "response_ids": [3], "advantage": 1.0}, "ids.jsonl:2"),
-        "float token id": ({"prompt_ids": [1.5], "response_ids": [3], "advantage": 1.0}, "ids.jsonl:2"),
-        "NaN advantage": ({"prompt_ids": [1], "response_ids": [3], "advantage": float("nan")}, "ids.jsonl:2"),
-        "positive old logprob": ({"prompt_ids": [1], "response_ids": [3], "advantage": 1.0, "old_logprobs": [0.5]}, "ids.jsonl:2"),
-        "prompt text not a string": ({"prompt": ["hi"], "response": "x", "advantage": 1.0}, "ids.jsonl:2"),
-    }
-    for i, (name, (record, must)) in enumerate(policy.items()):
-        (tmp / f"policy{i}").mkdir()
-        path = _rollouts(tmp / f"policy{i}" / "ids.jsonl", record)
-        cases[name] = (["--job.config_file", POLICY, "--training.dataset_path", path], must)
-    no_labels = _file(tmp / "nolabels.jsonl", json.dumps({"prompt_ids": [1, 2], "response_ids": [], "advantage": 1.0}) + "\n")
-    cases["no labelled token"] = (["--job.config_file", POLICY, "--training.dataset_path", no_labels], "nolabels.jsonl")
-    return cases
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict, dict]:
     tmp = tmp_path_factory.mktemp("bad_inputs")
-    cases = _cases(tmp)
+    cases = _end_to_end_cases(tmp)
     # Two short steps where a case trains at all; a case's own arguments come last and win.
-    short = ["--job.dump_folder", str(tmp / "dump"), "--training.steps", "2", "--lr_scheduler.warmup_steps", "1"]
+    short = ["--job.dump_folder", str(tmp / "dump"), "--training.steps", "2", "--lr_scheduler.warmup_steps", "1",
+             "--metrics.no-enable-tensorboard"]
     args = {name: [*short, *a] for name, (a, _) in cases.items()}
-    # Two short documents, far less than one row of 4096 tokens: epochs wrap, and it trains.
-    args["tiny corpus"] = [*short, "--job.config_file", CONFIG, "--training.seq_len", "4096", "--training.local_batch_size", "1",
+    # Two documents of five tokens in all, against rows of 256: epochs wrap ~50 times a row, and it trains.
+    args["tiny corpus"] = [*short, "--job.config_file", CONFIG, "--training.steps", "1", "--training.local_batch_size", "1",
                            "--training.dataset_path", _file(tmp / "tiny.jsonl", '{"text": "a b"}\n{"text": "c"}\n')]
     (tmp / "cases.json").write_text(json.dumps(args))
     driver = run_python(os.path.join(ROOT, "tests", "run_train_cases.py"), str(tmp / "cases.json"), str(tmp / "results.json"),
@@ -113,20 +81,14 @@ def runs(tmp_path_factory) -> tuple[dict, dict]:
     return {name: must for name, (_, must) in cases.items()}, json.loads((tmp / "results.json").read_text())
 
 
-CASE_NAMES = [
-    "steps 0", "seq_len 0", "seq_len beyond fp32 positions", "lr NaN", "lr < 0", "local_batch_size 0",
-    "global_batch_size 0", "max_norm 0", "warmup_steps < 0", "checkpoint.interval 0", "keep_latest_k < 0", "log_freq 0",
-    "loss_chunk_size 0", "clip_eps 0", "dump_folder is a file", "TOML syntax error", "pipeline parallel",
-    "fault tolerance", "nested dataloader key", "float8 in TOML", "empty jsonl", "whitespace-only jsonl",
-    "whitespace-only text", "malformed JSON line", "not UTF-8", "text not a string", "corrupt tokenizer.json",
-    "text missing mid-corpus", "token id >= vocab", "negative token id", "float token id", "NaN advantage",
-    "positive old logprob", "prompt text not a string", "no labelled token",
-]
+END_TO_END = ["steps 0", "seq_len no row can serve", "TOML syntax error", "unsupported key", "unsupported nested TOML section",
+              "empty jsonl", "not UTF-8", "corrupt tokenizer.json", "text missing mid-corpus", "token id >= vocab"]
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("case", END_TO_END)
 def test_bad_input_exits_2_with_one_line(runs, case):
     must_name, results = runs
+    assert set(END_TO_END) == set(must_name)
     result = results[case]
     lines = [line for line in result["stderr"].splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}: stderr should be one 'error:' line, got:\n{result['stderr'][-2000:]}"
@@ -134,13 +96,127 @@ def test_bad_input_exits_2_with_one_line(runs, case):
     assert must_name[case] in lines[0], f"{case}: {lines[0]!r} does not name {must_name[case]!r}"
 
 
-def test_case_list_is_complete(runs):
-    assert set(CASE_NAMES) == set(runs[0])
-
-
 def test_corpus_smaller_than_a_row_trains(runs):
     result = runs[1]["tiny corpus"]
     assert result["returncode"] == 0, result["stderr"][-3000:]
+
+
+# ---- config values and unsupported keys, on the checks themselves -------------------------------
+
+BAD_VALUES = {
+    "training.steps": -1, "training.seq_len": 0, "training.local_batch_size": 0, "training.global_batch_size": -2,
+    "training.max_norm": float("nan"), "optimizer.lr": float("inf"), "optimizer.beta2": 1.0, "optimizer.name": "SGD",
+    "lr_scheduler.warmup_steps": -1, "lr_scheduler.decay_ratio": 1.5, "checkpoint.interval": 0, "checkpoint.keep_latest_k": 1,
+    "checkpoint.export_max_shard_gb": 0.0, "metrics.log_freq": 0, "recipe.loss_chunk_size": 0, "recipe.clip_eps": -0.1,
+    "job.dump_folder": os.path.join(ROOT, "README.md"),
+}
+
+
+@pytest.mark.parametrize("key", list(BAD_VALUES))
+def test_bad_value_is_refused_naming_key_and_value(key):
+    config = JobConfig()
+    section, name = key.split(".")
+    setattr(getattr(config, section), name, BAD_VALUES[key])
+    with pytest.raises(ConfigError, match=None) as info:
+        _check_values(config)
+    assert f"{key}={BAD_VALUES[key]!r}" in str(info.value)
+
+
+def test_defaults_and_shipped_configs_pass_every_check():
+    _check_values(JobConfig())
+    _check_supported(JobConfig())
+    assert {key for key, _, _ in VALUE_RULES} >= set(BAD_VALUES)
+
+
+# One key of each section of UNSUPPORTED, set to a value other than its default.
+UNSUPPORTED_VALUES = {
+    "job.print_config": True, "metrics.enable_wandb": True, "model.tokenizer_path": "tok", "optimizer.early_step_in_backward": True,
+    "training.gc_freq": 3, "parallelism.context_parallel_rotate_method": "alltoall", "checkpoint.create_seed_checkpoint": True,
+    "activation_checkpoint.memory_budget": 0.3, "compile.components": ["model"], "comm.train_timeout_seconds": 5,
+    "debug.moe_force_load_balance": True, "quantize.linear.float8.emulate": True, "memory_estimation.enable": True,
+    "fault_tolerance.enable": True, "experimental.custom_import": "module",
+}
+
+
+@pytest.mark.parametrize("key", list(UNSUPPORTED_VALUES))
+def test_unsupported_key_is_refused_naming_it(key):
+    config = JobConfig()
+    *path, name = key.split(".")
+    node = config
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, name, UNSUPPORTED_VALUES[key])
+    with pytest.raises(ConfigError, match=None) as info:
+        _check_supported(config)
+    assert f"{key}={UNSUPPORTED_VALUES[key]!r} is not supported" in str(info.value)
+
+
+def test_every_unsupported_section_is_tested():
+    assert set(UNSUPPORTED) == {key.split(".")[0] for key in UNSUPPORTED_VALUES}
+
+
+# ---- data files, tokenizer, rollouts, on the readers themselves ---------------------------------
+
+@pytest.mark.parametrize("name, text, must_name", [
+    ("blank.jsonl", " \n\n\t\n", "blank.jsonl"),
+    ("blank.txt", "  \n \n", "blank.txt"),
+    ("malformed.jsonl", DOCS + '{"text": "oops\n', "malformed.jsonl:4"),
+    ("array.jsonl", DOCS + "[1, 2]\n", "array.jsonl:4"),
+    ("number.jsonl", DOCS + '{"text": 17}\n', "number.jsonl:4"),
+])
+def test_bad_document_names_file_and_line(tmp_path, name, text, must_name):
+    documents = None
+    with pytest.raises(DataError, match=None) as info:
+        documents = load_documents(_file(tmp_path / name, text))
+        documents[len(documents) - 1]  # pretraining text is checked as it is read
+    assert must_name in str(info.value) and "\n" not in str(info.value)
+    assert documents is None or len(documents) == 4
+
+
+def test_documents_skip_blank_lines_and_keep_line_numbers(tmp_path):
+    documents = load_documents(_file(tmp_path / "gaps.jsonl", "\n" + DOCS.replace("\n", "\n\n")))
+    assert len(documents) == 3 and documents[2] == {"text": "document 2"}
+    assert documents.where(2).endswith("gaps.jsonl:6")
+
+
+def test_corrupt_tokenizer_config_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes((open(os.path.join(ROOT, "assets", "debug", "tokenizer.json"), "rb")).read())
+    _file(tmp_path / "tokenizer_config.json", "{oops")
+    with pytest.raises(DataError, match="tokenizer_config.json"):
+        HFTokenizer(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def policy_config():
+    return parse_config(["--job.config_file", POLICY])
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt_ids": [-1], "response_ids": [3], "advantage": 1.0}, "prompt_ids holds -1"),
+    ({"prompt_ids": [1.5], "response_ids": [3], "advantage": 1.0}, "prompt_ids holds 1.5"),
+    ({"prompt_ids": [1], "response_ids": [True], "advantage": 1.0}, "response_ids holds True"),
+    ({"prompt_ids": [1], "response_ids": [3], "advantage": float("nan")}, "advantage=nan"),
+    ({"prompt_ids": [1], "response_ids": [3]}, "advantage=None"),
+    ({"prompt_ids": [1], "response_ids": [3], "advantage": 1.0, "old_logprobs": [0.5]}, "old_logprobs holds 0.5"),
+    ({"prompt_ids": [1], "response_ids": [3], "advantage": 1.0, "old_logprobs": [float("-inf")]}, "old_logprobs holds -inf"),
+    ({"prompt_ids": [1], "response_ids": [3], "advantage": 1.0, "old_logprobs": []}, "old_logprobs"),
+    ({"prompt": ["hi"], "response": "x", "advantage": 1.0}, "prompt is a list"),
+    ({"response": "x", "advantage": 1.0}, "no prompt_ids or prompt"),
+])
+def test_bad_rollout_is_refused_before_step_1_naming_file_and_line(tmp_path, policy_config, record, message):
+    config = copy.deepcopy(policy_config)
+    config.training.dataset_path = _rollouts(tmp_path / "rollouts.jsonl", record)
+    with pytest.raises(DataError, match=None) as info:
+        PolicyRecipe(config)
+    assert "rollouts.jsonl:2: " in str(info.value) and message in str(info.value), str(info.value)
+
+
+def test_rollouts_without_a_response_token_are_refused(tmp_path, policy_config):
+    config = copy.deepcopy(policy_config)
+    config.training.dataset_path = _file(tmp_path / "empty_responses.jsonl",
+                                         json.dumps({"prompt_ids": [1, 2], "response_ids": [], "advantage": 1.0}) + "\n")
+    with pytest.raises(DataError, match="no rollout in .*empty_responses.jsonl.* has a response token"):
+        PolicyRecipe(config)
 
 
 def test_compute_logprobs_refuses_missing_output_folder_first(tmp_path):
