@@ -98,7 +98,8 @@ class PolicyRecipe:
         if old is None:
             old = [math.nan] * len(response)  # NaN: "take the current log p", see loss_sum
         elif not isinstance(old, list) or len(old) != len(response):
-            raise DataError(f"old_logprobs is not a list of {len(response)} numbers, one per response token")
+            count = len(old) if isinstance(old, list) else f"non-list {old!r:.40}"
+            raise DataError(f"the rollout has {count} old_logprobs for {len(response)} response tokens; give one per response token")
         else:
             # A log-probability is finite and <= 0: anything else makes the importance ratio inf or NaN.
             bad = next((x for x in old if not _is_number(x) or not (math.isfinite(x) and x <= 0)), None)
