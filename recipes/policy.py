@@ -73,6 +73,9 @@ class PolicyRecipe:
             if bad is not None:
                 raise DataError(f"{name}_ids holds {bad!r}; token ids are integers >= 0")
             return list(ids)
+        return self.tokenizer.encode(self.text(record, name))
+
+    def text(self, record: dict, name: str) -> str:
         if record.get(name) is None:
             raise DataError(f"the rollout has no {name}_ids or {name}; rollouts need prompt_ids/prompt, "
                             "response_ids/response and advantage")
@@ -81,12 +84,12 @@ class PolicyRecipe:
         if self.tokenizer is None:
             raise DataError(f"the rollout has {name!r} text but no {name}_ids, and model.hf_assets_path="
                             f"{self.job_config.model.hf_assets_path!r} has no tokenizer.json; give ids or a tokenizer")
-        return self.tokenizer.encode(record[name])
+        return record[name]
 
     def encode(self, record: dict) -> tuple[list[int], list[int], list[float], list[float]]:
         """(tokens, labels, advantages, old_logprobs): labels mark the response tokens."""
         if self.chat is not None and record.get("prompt_ids") is None and record.get("response_ids") is None:
-            prompt, response = map(self.tokenizer.encode, self.chat.prompt_and_response(record["prompt"], record["response"]))
+            prompt, response = map(self.tokenizer.encode, self.chat.prompt_and_response(self.text(record, "prompt"), self.text(record, "response")))
         else:
             prompt, response = self.token_ids(record, "prompt"), self.token_ids(record, "response")
         if not prompt:
