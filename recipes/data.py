@@ -53,7 +53,9 @@ class Records:
 
     text_field: str | None
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | slice) -> dict | list[dict]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
         record = self._read(index)
         if self.text_field is not None and not isinstance(record.get(self.text_field), str):
             found = "missing" if record.get(self.text_field) is None else f"{record[self.text_field]!r:.60}, not a string"
