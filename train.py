@@ -14,8 +14,8 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.distributed.utils import clip_grad_norm_
 
-from components.build import (build_model, init_distributed, log, loss_context, padded_seq_len, run_command,
-                              shard_for_cp, validate)
+from components.build import (build_model, init_distributed, log, loss_context, padded_seq_len, row_length,
+                              run_command, shard_for_cp, validate)
 from components.checkpoint import Checkpointer, weight_source
 from components.config import JobConfig, parse_config
 from components.metrics import MetricsLogger
@@ -83,6 +83,9 @@ def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, 
     records = []
     try:
         for step in range(start + 1, training.steps + 1):
+            seq_len, padded_len = row_length(training, step, parallel_dims)  # this step's stage of seq_len_schedule
+            loader.set_row_len(seq_len, padded_len)
+            metrics.flops_per_token = model_args.flops_per_token(padded_len)
             loss, grad_norm, n_tokens, recipe_metrics = train_step(
                 model, recipe, loader.next_step(), parallel_dims, optimizers, lr_schedulers, job_config, device
             )

@@ -5,6 +5,7 @@ Scripts (conversion, log-probs, bench) import these instead of train.py, which o
 into the training loop."""
 
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
@@ -21,6 +22,7 @@ from components.hf import check_hf_config, load_hf_weights
 from models import MODELS, get_model_spec
 from models.common.args import read_hf_config
 from models.common.decoder import Decoder
+from models.common.rope import rope_scaling_from_dict
 from parallelisms.activation_checkpoint import blocks_to_checkpoint
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.context_parallel import slice_for_cp
@@ -43,9 +45,13 @@ def model_spec_and_args(job_config: JobConfig):
     """The family's ModelSpec and the flavor's DecoderArgs; a bad name, flavor or config.json is a ConfigError."""
     try:
         spec = get_model_spec(job_config.model.name)
-        return spec, spec.args_for(job_config.model.flavor)
+        args = spec.args_for(job_config.model.flavor)
+        if job_config.model.rope_scaling is not None:  # the TOML's scaling replaces config.json's
+            scaling = rope_scaling_from_dict(job_config.model.rope_scaling, args.max_seq_len)
+            args = dataclasses.replace(args, rope_scaling=scaling)
+        return spec, args
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"model.rope_scaling: {e}" if "rope scaling" in str(e) else str(e)) from None
 
 
 def hf_folder_args(hf_dir: str) -> list[str]:
@@ -74,6 +80,7 @@ def _validate(job_config: JobConfig):
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         cp_ulysses=p.context_parallel_ulysses_degree,
     ).for_heads(model_args.n_heads, model_args.n_kv_heads)
+    check_seq_len_schedule(job_config.training, job_config.compile.enable)
     ac = job_config.activation_checkpoint
     blocks_to_checkpoint(ac.mode, ac.selective_ac_option, model_args.n_layers)  # refuses a bad mode or option
     if ac.cpu_offload and ac.mode == "none":
@@ -91,6 +98,33 @@ def _validate(job_config: JobConfig):
         raise DataError(f"{where}: token id {largest_id} >= the model's vocab_size {model_args.vocab_size}; "
                         "the rollouts were tokenized for another model")
     return spec, model_args, parallel_dims, recipe
+
+
+def check_seq_len_schedule(training, compiled: bool) -> None:
+    schedule = training.seq_len_schedule
+    if schedule is None:
+        return
+    shown = f"training.seq_len_schedule={[list(stage) for stage in schedule]}"
+    if not schedule or any(len(stage) != 2 for stage in schedule):
+        raise ConfigError(f"{shown} must be a list of [step, seq_len] pairs, e.g. [[0, 32768], [2000, 65536]]")
+    starts, lengths = [stage[0] for stage in schedule], [stage[1] for stage in schedule]
+    if starts[0] != 0 or any(a >= b for a, b in zip(starts, starts[1:])):
+        raise ConfigError(f"{shown}: steps must start at 0 and increase")
+    if min(lengths) <= 0 or max(lengths) != training.seq_len:
+        raise ConfigError(f"{shown}: lengths must be positive and the largest must equal training.seq_len={training.seq_len}")
+    # Each stage compiles each block once at its own static shapes (parallelisms/compile.py); past
+    # dynamo's recompile limit a block would silently fall back to eager.
+    limit = torch._dynamo.config.recompile_limit
+    if compiled and len(schedule) > limit:
+        raise ConfigError(f"{shown} has {len(schedule)} stages, more than torch.compile recompiles ({limit}); use fewer stages")
+
+
+def row_length(training, step: int, parallel_dims: ParallelDims) -> tuple[int, int]:
+    """(tokens, padded length) of step's rows (steps count from 1): training.seq_len_schedule's stage,
+    else training.seq_len. A function of the step alone, so a resumed run lands in its stage."""
+    stages = [length for start, length in training.seq_len_schedule or [] if start <= step]
+    seq_len = stages[-1] if stages else training.seq_len
+    return seq_len, padded_seq_len(seq_len, parallel_dims)
 
 
 def free_port() -> int:

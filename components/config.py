@@ -36,6 +36,12 @@ class Model(TitanModel):
     hf_assets_path: str = "assets/debug"
     """Folder with tokenizer.json (and tokenizer_config.json): an HF model folder works."""
 
+    rope_scaling: dict[str, int | float | bool | str] | None = None
+    """RoPE scaling for context extension, overriding config.json's, e.g. {type = "yarn", factor = 4.0,
+    original_max_position_embeddings = 32768} (also beta_fast, beta_slow, attention_factor, mscale,
+    mscale_all_dim, truncate), {type = "linear", factor = 2.0}, or {type = "default"} for none.
+    HF exports write it into config.json. See models/common/rope.py."""
+
 
 @dataclass
 class Parallelism(TitanParallelism):
@@ -53,6 +59,11 @@ class Training(TitanTraining):
     dataset_path: str | None = "assets/debug/corpus.jsonl"
     """A local file or folder of documents (text, JSON lines or parquet), or for recipe.name =
     "pretrain" a folder written by scripts/tokenize_corpus.py (any size: each rank reads only its rows)."""
+
+    seq_len_schedule: list[list[int]] | None = None
+    """Staged context extension: [[step, seq_len], ...], e.g. [[0, 32768], [2000, 65536], [4000, 131072]]:
+    from step S on (S=0 is the first step), rows are seq_len tokens. Starts at 0, steps increasing;
+    the largest seq_len must equal training.seq_len. Each stage compiles once."""
 
 
 @dataclass

@@ -91,9 +91,10 @@ def check_hf_config(spec, model_args: DecoderArgs, path: str) -> None:
         theirs = args_from_hf_config(cfg, **spec.family_flags)
     except ValueError as e:
         raise CheckpointError(f"{file}: {e}") from None
-    # max_seq_len only bounds RoPE positions we compute on the fly; it may differ.
+    # max_seq_len only bounds RoPE positions we compute on the fly, and rope scaling changes no
+    # weight (extending a base model turns it on in the TOML): both may differ.
     differ = [f"{f.name} {getattr(theirs, f.name)} vs {getattr(model_args, f.name)}" for f in dataclasses.fields(DecoderArgs)
-              if f.name != "max_seq_len" and getattr(theirs, f.name) != getattr(model_args, f.name)]
+              if f.name not in ("max_seq_len", "rope_scaling") and getattr(theirs, f.name) != getattr(model_args, f.name)]
     if differ:
         raise CheckpointError(f"{file} disagrees with model.flavor (config.json vs flavor): {'; '.join(differ)}; "
                               "set model.flavor to the checkpoint folder to take its dimensions")

@@ -65,7 +65,7 @@ def make_tiny_hf(tmp_path_factory):
     cache: dict[tuple, TinyHF] = {}
 
     def make(family: str, seed: int = 0, **shape) -> TinyHF:
-        key = (family, seed, tuple(sorted(shape.items())))
+        key = (family, seed, repr(sorted(shape.items())))  # repr: a rope_parameters dict is unhashable
         if key not in cache:
             config_cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
             config = config_cls(**(TINY_HF_CONFIG | shape))

@@ -220,9 +220,9 @@ def test_published_configs_give_our_flavors():
 
 
 def test_unsupported_hf_configs_are_refused(tmp_path):
-    cfg = args_to_hf_config(MODELS["qwen3"].flavors["0.6B"]) | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    cfg = args_to_hf_config(MODELS["qwen3"].flavors["0.6B"]) | {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}
     cfg.pop("rope_parameters")
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="dynamic"):
         args_from_hf_config(cfg, **QWEN3_FLAGS)
     path = tmp_path / "config.json"
     path.write_text('{"model_type": "llama", "hidden_size": 8}')

@@ -4,6 +4,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from models.common.rope import RopeScaling, rope_scaling_from_dict
+
 
 @dataclass(frozen=True)
 class DecoderArgs:
@@ -19,6 +21,7 @@ class DecoderArgs:
     norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     max_seq_len: int = 32768
+    rope_scaling: RopeScaling | None = None  # YaRN / linear context extension; None: plain RoPE
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
@@ -89,19 +92,19 @@ def args_from_hf_config(cfg: dict, **family_flags) -> DecoderArgs:
     missing = [k for k in _HF_FIELDS if k not in cfg and k not in ("head_dim", "tie_word_embeddings")]
     if missing:
         raise ValueError(f"config.json lacks {missing}; is it a Qwen2/Qwen3 causal LM config?")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default' RoPE); remove rope scaling from config.json")
-    theta = cfg.get("rope_theta", rope.get("rope_theta"))
+    # transformers 5.x writes `rope_parameters` (rope_theta inside), older files `rope_scaling` and a
+    # top-level rope_theta; with both, transformers takes rope_scaling and the dict's own theta.
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    theta = rope.get("rope_theta") or cfg.get("rope_theta")
     kwargs = {ours: cfg[hf] for hf, ours in _HF_FIELDS.items() if cfg.get(hf) is not None}
     kwargs.setdefault("n_kv_heads", cfg["num_attention_heads"])
-    return DecoderArgs(rope_theta=float(theta or 10000.0), **kwargs, **family_flags)
+    scaling = rope_scaling_from_dict(rope, cfg["max_position_embeddings"])
+    return DecoderArgs(rope_theta=float(theta or 10000.0), rope_scaling=scaling, **kwargs, **family_flags)
 
 
 def args_to_hf_config(args: DecoderArgs) -> dict:
     cfg = {hf: getattr(args, ours) for hf, ours in _HF_FIELDS.items()}
-    cfg.update(hidden_act="silu", rope_theta=args.rope_theta,
-               rope_parameters={"rope_theta": args.rope_theta, "rope_type": "default"},
+    scaling = args.rope_scaling.to_hf() if args.rope_scaling else {"rope_type": "default"}
+    cfg.update(hidden_act="silu", rope_theta=args.rope_theta, rope_parameters={"rope_theta": args.rope_theta, **scaling},
                attention_dropout=0.0, initializer_range=0.02, use_cache=True)
     return cfg

@@ -106,7 +106,7 @@ class Decoder(nn.Module):
         # clone(): a compiled block whose first op is a sequence-parallel norm, fed the local view
         # of a RowwiseParallel embedding output, gets a wrong embedding gradient (docs/design.md, traps).
         h = self.tok_embeddings(tokens).clone()
-        rope = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype)
+        rope = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype, self.args.rope_scaling)
         cp = self.context_parallel
         chunks = cp.query_chunks(tokens.size(1)) if cp is not None else [(0, tokens.size(1))]
         mask = build_attention_mask(document_ids, chunks, tokens.device)
