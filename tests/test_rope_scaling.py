@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import transformers
 
 import train
@@ -169,8 +170,10 @@ def layout_logprobs(cases: dict[str, tuple[str, str]]) -> dict:
         job_config = parse_config(args)
         spec, model_args, parallel_dims, recipe = build.validate(job_config)
         rollouts = logprobs_script.read_jsonl(rollouts_path)
-        results[name] = logprobs_script.compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts,
-                                                         torch.device("cpu"))
+        mine = logprobs_script.compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts, torch.device("cpu"))
+        parts = [None] * dist.get_world_size()  # dp groups score different rows
+        dist.all_gather_object(parts, mine)
+        results[name] = {i: lp for part in parts for i, lp in part.items()}
     return results
 
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from components import build
 from components.config import parse_config
 from models import get_model_spec
 from parallelisms.parallel_dims import ParallelDims
@@ -13,7 +14,8 @@ from tests.conftest import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "train_configs", "*.toml")))
 # The launch each real-size config documents: its world size.
-WORLD_SIZES = {"qwen3_0.6b.toml": 8, "qwen3_1.7b.toml": 8, "qwen3_8b.toml": 8, "qwen3_32b.toml": 16, "qwen2.5_7b.toml": 8}
+WORLD_SIZES = {"qwen3_0.6b.toml": 8, "qwen3_1.7b.toml": 8, "qwen3_8b.toml": 8, "qwen3_32b.toml": 16, "qwen2.5_7b.toml": 8,
+               "qwen3_8b_yarn_128k.toml": 8}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -22,7 +24,8 @@ def test_config_parses_and_opens_with_how_to_launch(path):
         first = f.readline()
     assert first.startswith("# "), f"{path} should open with a comment saying what it trains and how to launch it"
     job = parse_config(["--job.config_file", path])
-    get_model_spec(job.model.name).args_for(job.model.flavor)  # raises on an unknown flavor
+    build.model_spec_and_args(job)  # raises on an unknown flavor or a bad rope scaling
+    build.check_seq_len_schedule(job.training, job.compile.enable)
 
 
 @pytest.mark.parametrize("name,world_size", sorted(WORLD_SIZES.items()))
