@@ -46,12 +46,15 @@ def model_spec_and_args(job_config: JobConfig):
     try:
         spec = get_model_spec(job_config.model.name)
         args = spec.args_for(job_config.model.flavor)
-        if job_config.model.rope_scaling is not None:  # the TOML's scaling replaces config.json's
-            scaling = rope_scaling_from_dict(job_config.model.rope_scaling, args.max_seq_len)
-            args = dataclasses.replace(args, rope_scaling=scaling)
-        return spec, args
     except ValueError as e:
-        raise ConfigError(f"model.rope_scaling: {e}" if "rope scaling" in str(e) else str(e)) from None
+        raise ConfigError(str(e)) from None
+    if job_config.model.rope_scaling is None:
+        return spec, args
+    try:  # the TOML's scaling replaces config.json's, in this job's copy of the args
+        scaling = rope_scaling_from_dict(job_config.model.rope_scaling, args.max_seq_len)
+    except ValueError as e:
+        raise ConfigError(f"model.rope_scaling: {e}") from None
+    return spec, dataclasses.replace(args, rope_scaling=scaling)
 
 
 def hf_folder_args(hf_dir: str) -> list[str]:
@@ -101,6 +104,7 @@ def _validate(job_config: JobConfig):
 
 
 def check_seq_len_schedule(training, compiled: bool) -> None:
+    """training.seq_len_schedule: [step, seq_len] pairs from step 0 on, ending at training.seq_len's length."""
     schedule = training.seq_len_schedule
     if schedule is None:
         return

@@ -40,6 +40,7 @@ class Model(TitanModel):
     """RoPE scaling for context extension, overriding config.json's, e.g. {type = "yarn", factor = 4.0,
     original_max_position_embeddings = 32768} (also beta_fast, beta_slow, attention_factor, mscale,
     mscale_all_dim, truncate), {type = "linear", factor = 2.0}, or {type = "default"} for none.
+    On the command line: --model.rope_scaling type yarn factor 4.0 original_max_position_embeddings 32768.
     HF exports write it into config.json. See models/common/rope.py."""
 
 
@@ -62,8 +63,8 @@ class Training(TitanTraining):
 
     seq_len_schedule: list[list[int]] | None = None
     """Staged context extension: [[step, seq_len], ...], e.g. [[0, 32768], [2000, 65536], [4000, 131072]]:
-    from step S on (S=0 is the first step), rows are seq_len tokens. Starts at 0, steps increasing;
-    the largest seq_len must equal training.seq_len. Each stage compiles once."""
+    from step S on (steps count from 1; the first S is 0), rows are seq_len tokens. S increasing; the
+    largest seq_len must equal training.seq_len. Each stage compiles once. Set it in the TOML."""
 
 
 @dataclass
