@@ -33,10 +33,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 from components import build  # noqa: E402
+from components.checkpoint import weight_source  # noqa: E402
 from components.config import ConfigError, parse_config  # noqa: E402
 from models.common.loss import IGNORE_INDEX  # noqa: E402
 from recipes.data import collate, pack_row  # noqa: E402
-from scripts.compute_logprobs import use_run_checkpoint  # noqa: E402
 
 INTRO = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there."
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -100,8 +100,7 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], parallel_dims, pa
     for first in range(0, len(rows), dp):
         index = first + dp_rank
         tokens, labels = rows[index] if index < len(rows) else ([pad_id], [IGNORE_INDEX])
-        padded = -(-len(tokens) // cp) * cp
-        row = pack_row([(tokens, labels)], padded, pad_id)
+        row = pack_row([(tokens, labels)], build.padded_seq_len(len(tokens), parallel_dims), pad_id)
         batch = build.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()}, parallel_dims)
         head = lambda h, output: token_scores(h, output, batch["labels"], chunk_size)  # noqa: E731
         # No document mask: a row is one document with padding only at its end, so plain causal
@@ -172,7 +171,8 @@ def evaluate(job_config, spec, model_args, parallel_dims, recipe, args, device) 
     """Both evaluations; the results on rank 0, None elsewhere (a process group must exist)."""
     if parallel_dims.tp > 1:
         raise ConfigError("eval_long.py runs dp and cp layouts; use parallelism.context_parallel_degree to split long rows")
-    model = build.build_model(spec, model_args, parallel_dims, job_config, device).eval()
+    # With checkpoint.enable, the run's own latest (or load_step) checkpoint, weights only.
+    model = build.build_model(spec, model_args, parallel_dims, job_config, device, weight_source(job_config).model_only()).eval()
     rows = corpus_rows(recipe, args.length, args.rows)
     rng = random.Random(args.seed)
     cells = [(n, d, rng.randrange(10000, 100000)) for n in args.passkey_lengths for d in args.depths for _ in range(args.trials)]
@@ -218,7 +218,6 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str]) -> None:
     args, job_config = parse_args(argv)
-    use_run_checkpoint(job_config)
     spec, model_args, parallel_dims, recipe = build.validate(job_config)
     device = build.init_distributed(job_config)
     try:
