@@ -17,7 +17,7 @@ import transformers
 import train
 from components import build
 from components.config import ConfigError, parse_config
-from components.hf_export import export_hf
+from components.hf import export_hf
 from models import get_model_spec
 from models.common.args import args_from_hf_config
 from models.common.decoder import Decoder
