@@ -202,7 +202,7 @@ def test_seq_len_schedule_checks_and_stages(tmp_path):
     with pytest.raises(ConfigError, match="more than torch.compile recompiles"):
         build.check_seq_len_schedule(training([[i, 128] for i in range(9)]), compiled=True)
     staged = training("[[0, 30], [3, 64], [5, 128]]")
-    tp2_cp2 = SimpleNamespace(tp=2, cp=2)  # rows padded to a multiple of 4
+    tp2_cp2 = SimpleNamespace(tp=2, cp=2, seq_multiple=4)  # rows padded to a multiple of 4
     assert [build.row_length(staged, step, tp2_cp2) for step in (1, 2, 3, 4, 5, 9)] == \
         [(30, 32), (30, 32), (64, 64), (64, 64), (128, 128), (128, 128)]
 
