@@ -382,10 +382,6 @@ class StepLoader:
             self._thread = None
         self.stream.load_state_dict(self.state)
 
-    def set_row_len(self, seq_len: int, padded_len: int) -> None:
-        """Rows from the next step on hold seq_len tokens padded to padded_len (staged context extension)."""
-        self.stream.seq_len, self.stream.padded_len = seq_len, padded_len
-
     def state_dict(self) -> dict:
         return self.state
 
