@@ -6,7 +6,7 @@ import torch
 
 from tests.distributed_harness import run_on_ranks
 from tests.conftest import assert_rel_close
-from tests.test_parallel import LAYOUTS, assert_matches_reference, overrides, train_layouts
+from tests.test_parallel import COMPILE_OP_AC, LAYOUTS, assert_matches_reference, overrides, train_layouts
 
 N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = pytest.mark.skipif(N_GPUS < 2, reason="needs 2+ CUDA GPUs")
@@ -34,3 +34,38 @@ def test_gpu_layouts_match_one_gpu(precision, hf_dir, tmp_path):
             else:
                 assert_rel_close(torch.tensor(result["loss"]), torch.tensor(ref["loss"]), rtol, f"{name} loss")
                 assert_rel_close(torch.tensor(result["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol, f"{name} grad_norm")
+
+
+# This round's features on two GPUs, each against the 1-GPU run with the same model flags.
+YARN = ["--model.rope_scaling", "type", "yarn", "factor", "4.0", "original_max_position_embeddings", "32"]
+OFFLOAD_TILES = ["--activation_checkpoint.mode", "full", "--activation_checkpoint.cpu_offload",
+                 "--activation_checkpoint.mlp_chunk_size", "48"]
+FEATURES = {
+    # name: (the 2-GPU layout, flags both runs share)
+    "cp2 sequence shard": ({"cp": 2, "flags": ["--parallelism.context_parallel_ulysses_degree", "1"]}, []),
+    "cp2 Ulysses, yarn": ({"cp": 2}, YARN),
+    "cp2 shard, yarn": ({"cp": 2, "flags": ["--parallelism.context_parallel_ulysses_degree", "1"]}, YARN),
+    "dp2 FSDP, offload + tiled MLP": ({"dp_shard": 2}, OFFLOAD_TILES),
+    "cp2 + compile + per-op AC": ({"cp": 2, "flags": COMPILE_OP_AC}, []),
+}
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_gpu_features_match_one_gpu(precision, hf_dir, tmp_path):
+    extra, rtol = PRECISIONS[precision]
+    names = list(FEATURES)
+    shared = sorted({tuple(flags) for _, flags in FEATURES.values()})
+    refs = run_on_ranks(1, train_layouts, [overrides(hf_dir, str(tmp_path / f"ref{i}"), {}, [*flags, *extra])
+                                           for i, flags in enumerate(shared)], use_gpus=True)
+    ref_of = dict(zip(shared, refs))
+    cases = [overrides(hf_dir, str(tmp_path / f"case{i}"), FEATURES[n][0], [*FEATURES[n][1], *extra])
+             for i, n in enumerate(names)]
+    for name, result in zip(names, run_on_ranks(2, train_layouts, cases, use_gpus=True)):
+        ref = ref_of[tuple(FEATURES[name][1])]
+        print(f"{precision} {name}: loss {result['loss']} (1 GPU {ref['loss']}); "
+              f"grad_norm {result['grad_norm']} (1 GPU {ref['grad_norm']})")
+        if precision == "fp32":
+            assert_matches_reference(result, ref, name, rtol)
+        else:
+            assert_rel_close(torch.tensor(result["loss"]), torch.tensor(ref["loss"]), rtol, f"{name} loss")
+            assert_rel_close(torch.tensor(result["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol, f"{name} grad_norm")
