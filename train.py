@@ -4,9 +4,14 @@
     torchrun --nproc_per_node 8 train.py --job.config_file train_configs/debug.toml \
         --parallelism.data_parallel_shard_degree 2 --parallelism.tensor_parallel_degree 2 \
         --parallelism.context_parallel_degree 2
+
+Exit codes: 0 done, or stopped by SIGTERM/SIGINT after a checkpoint; 2 a refused input (one
+`error:` line); 3 a step whose loss or grad norm was not finite (nothing of it applied or saved).
 """
 
+import signal
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,9 +24,45 @@ from components.build import (build_model, init_distributed, log, loss_context, 
 from components.checkpoint import Checkpointer, weight_source
 from components.config import JobConfig, parse_config
 from components.metrics import MetricsLogger
+from components.profiling import profilers
+from components.validation import Validator
 from models.common.loss import IGNORE_INDEX
 from parallelisms.parallel_dims import ParallelDims
 from recipes.data import StepLoader
+
+
+class NonFiniteError(RuntimeError):
+    """A step whose loss or grad norm is NaN or inf, past training.skip_nonfinite_steps: exit code 3."""
+
+
+@dataclass
+class StepResult:
+    """What train_step leaves on the device (read on log steps only) and what every rank agreed on."""
+
+    loss: torch.Tensor  # the global batch's mean token loss
+    grad_norm: torch.Tensor  # before clipping
+    n_tokens: torch.Tensor  # the global batch's labelled tokens
+    metric_sums: dict[str, torch.Tensor]  # the recipe's per-token sums on this rank
+    nonfinite: str | None  # "loss" or "grad_norm" when the step was not applied
+    stop: bool  # some rank received SIGTERM/SIGINT
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (Slurm preemption, Ctrl-C, torchrun forwarding either) only raise a flag:
+    the step in flight finishes, the ranks agree at its sync, and the loop saves and stops. A second
+    signal does not abort either (torchrun answers Ctrl-C with a SIGTERM of its own): SIGKILL does."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def token_means(metric_sums: dict[str, torch.Tensor], n_tokens: torch.Tensor, group) -> dict[str, float]:
@@ -33,15 +74,28 @@ def token_means(metric_sums: dict[str, torch.Tensor], n_tokens: torch.Tensor, gr
     return dict(zip(metric_sums, (sums / n_tokens.clamp(min=1)).tolist()))
 
 
-def train_step(model, recipe, microbatches, parallel_dims, optimizers, lr_schedulers, job_config, device):
-    """One optimizer step over this rank's micro-batches. Returns the global batch's loss, grad norm,
-    labelled-token count and the recipe's metrics (token means, e.g. a policy's clip fraction)."""
+def on_device(microbatches: list[dict], parallel_dims: ParallelDims, device) -> list[dict]:
+    """This rank's micro-batches on the device, cut into its cp chunk. On CUDA through pinned memory
+    and without blocking: a pageable copy would make the host wait for the previous step's kernels."""
+    cuda = device.type == "cuda"
+    return [shard_for_cp({k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in mb.items()},
+                         parallel_dims) for mb in microbatches]
+
+
+def labelled_tokens(microbatches: list[dict]) -> torch.Tensor:
+    return sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float()
+
+
+def train_step(model, recipe, microbatches, parallel_dims, optimizers, lr_schedulers, job_config, device,
+               checkpointer: Checkpointer | None = None, stop_requested: bool = False) -> StepResult:
+    """One optimizer step over this rank's micro-batches, applied only if the global batch's loss and
+    grad norm are finite (otherwise its gradients are dropped by the next zero_grad)."""
     dp_cp = parallel_dims.mesh("dp_cp").get_group()
     optimizers.zero_grad()  # here, not after the step: the last step's gradients stay inspectable
-    microbatches = [shard_for_cp({k: v.to(device) for k, v in mb.items()}, parallel_dims) for mb in microbatches]
+    microbatches = on_device(microbatches, parallel_dims, device)
     # Normalize by the GLOBAL count of labelled tokens (all micro-batches, dp and cp ranks), so
     # every layout computes the same mean loss and the same gradient as one process.
-    n_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float()
+    n_tokens = labelled_tokens(microbatches)
     dist.all_reduce(n_tokens, group=dp_cp)
     total = torch.zeros((), device=device)
     metric_sums = {}
@@ -56,10 +110,69 @@ def train_step(model, recipe, microbatches, parallel_dims, optimizers, lr_schedu
     # Gradients are DTensors sharded over dp_shard x cp (FSDP) and tp: the norm reduces over every
     # one of those mesh dims, so it is the one-process norm (not 1/sqrt(cp) of it).
     grad_norm = clip_grad_norm_(model.parameters(), job_config.training.max_norm)
-    optimizers.step()
-    lr_schedulers.step()
     dist.all_reduce(total, group=dp_cp)  # tp ranks already hold the same value
-    return total.item(), grad_norm.item(), int(n_tokens.item()), token_means(metric_sums, n_tokens, dp_cp)
+    nonfinite, stop = agree(total, grad_norm, stop_requested)
+    if nonfinite is None:
+        if checkpointer is not None:
+            checkpointer.maybe_wait_for_staging()  # an async_with_pinned_mem save may still be copying the weights
+        optimizers.step()
+        lr_schedulers.step()
+    return StepResult(total, grad_norm, n_tokens, metric_sums, nonfinite, stop)
+
+
+def agree(loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool) -> tuple[str | None, bool]:
+    """The step's one host sync: is the loss / grad norm not finite, and was any rank asked to stop?
+    One max all-reduce over all ranks, so every rank takes the same branch. Its cost: the optimizer
+    step is queued only once backward and clipping are done."""
+    flags = torch.stack([~loss.isfinite(), ~grad_norm.to(loss.device).isfinite(),
+                         torch.full((), stop_requested, device=loss.device)]).float()  # torch.full: no host->device copy
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_loss, bad_grad_norm, stop = flags.tolist()
+    nonfinite = "loss" if bad_loss else "grad_norm" if bad_grad_norm else None
+    return nonfinite, bool(stop)
+
+
+@torch.no_grad()
+def validation_loss(model, validator: Validator, parallel_dims: ParallelDims, job_config, device) -> float:
+    """The held-out loss: token losses summed over every validation batch and rank, divided by their
+    global labelled-token count (as train_step normalizes)."""
+    sums = torch.zeros(2, device=device)  # loss sum, labelled tokens
+    model.eval()
+    for microbatches in validator.batches(padded_seq_len(validator.seq_len, parallel_dims)):
+        for mb in on_device(microbatches, parallel_dims, device):
+            with loss_context(parallel_dims, job_config):
+                loss_sum, _ = validator.recipe.loss_sum(model, mb)
+            sums += torch.stack([loss_sum.detach().float(), labelled_tokens([mb])])
+    model.train()
+    dist.all_reduce(sums, group=parallel_dims.mesh("dp_cp").get_group())  # tp ranks hold the same sums
+    loss_sum, n_tokens = sums.tolist()
+    return loss_sum / max(n_tokens, 1)
+
+
+def skip_or_stop(result: StepResult, step: int, lr_schedulers, allowed: int) -> dict:
+    """A non-finite step: one line while training.skip_nonfinite_steps allows it, else NonFiniteError.
+    Returns the skip count to log (when skipping is allowed at all)."""
+    # The LR schedule advances once per applied step, so the count needs no state of its own and
+    # resumes with the schedule's.
+    skipped = step - lr_schedulers.schedulers[0].last_epoch
+    if result.nonfinite is not None:
+        value = getattr(result, result.nonfinite).item()
+        if skipped > allowed:
+            raise NonFiniteError(
+                f"step {step}: {result.nonfinite} is {value}; the step was not applied nor saved and the run stops "
+                f"(training.skip_nonfinite_steps={allowed}); lower optimizer.lr or check the data, then resume from the last checkpoint")
+        log(f"step {step}: {result.nonfinite} is {value}; batch skipped, weights unchanged "
+            f"({skipped} of training.skip_nonfinite_steps={allowed})")
+    return {"skipped_steps": skipped} if allowed else {}
+
+
+def log_step(metrics: MetricsLogger, step: int, result: StepResult, lr_schedulers, tokens_per_step: int,
+             parallel_dims: ParallelDims, **extra) -> dict:
+    """A log step: the only place the step's values are read from the device."""
+    loss, grad_norm, n_tokens = torch.stack([result.loss, result.grad_norm.to(result.loss.device), result.n_tokens]).tolist()
+    recipe_metrics = token_means(result.metric_sums, result.n_tokens, parallel_dims.mesh("dp_cp").get_group())
+    return metrics.log(step, loss, grad_norm, lr_schedulers.schedulers[0].get_last_lr()[0], tokens_per_step,
+                       valid_tokens=int(n_tokens), **recipe_metrics, **extra)
 
 
 def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, recipe, device):
@@ -77,27 +190,42 @@ def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, 
     global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * parallel_dims.dp
     loader = StepLoader(recipe.build_stream(padded_len), training.local_batch_size, global_batch,
                         parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank())
-    metrics = MetricsLogger(job_config, device, model_args, padded_len, training.steps, dist.get_rank())
     checkpointer = Checkpointer(job_config, model, optimizers, lr_schedulers, loader, spec, model_args, source)
     start = checkpointer.resume()  # the last step the run's own checkpoint holds; 0 on a fresh start
+    metrics = MetricsLogger(job_config, device, model_args, padded_len, training.steps, dist.get_rank(), start)
+    validator = Validator(job_config, parallel_dims) if job_config.validation.enable else None
     records = []
     try:
-        for step in range(start + 1, training.steps + 1):
-            seq_len, padded_len = row_length(training, step, parallel_dims)  # this step's stage of seq_len_schedule
-            loader.set_row_len(seq_len, padded_len)
-            metrics.flops_per_token = model_args.flops_per_token(padded_len)
-            loss, grad_norm, n_tokens, recipe_metrics = train_step(
-                model, recipe, loader.next_step(), parallel_dims, optimizers, lr_schedulers, job_config, device
-            )
-            if step % job_config.metrics.log_freq == 0 or step in (1, training.steps):
-                records.append(metrics.log(step, loss, grad_norm, lr_schedulers.schedulers[0].get_last_lr()[0],
-                                           global_batch * padded_len, valid_tokens=n_tokens, **recipe_metrics))
-            checkpointer.save(step, last_step=step == training.steps)
+        with StopSignals() as signals, profilers(job_config, start) as profiler:
+            for step in range(start + 1, training.steps + 1):
+                seq_len, padded_len = row_length(training, step, parallel_dims)  # this step's stage of seq_len_schedule
+                loader.set_row_len(seq_len, padded_len)
+                metrics.flops_per_token = model_args.flops_per_token(padded_len)
+                result = train_step(model, recipe, loader.next_step(), parallel_dims, optimizers, lr_schedulers,
+                                    job_config, device, checkpointer, stop_requested=signals.received is not None)
+                extra = skip_or_stop(result, step, lr_schedulers, training.skip_nonfinite_steps)
+                if validator is not None and validator.due(step):
+                    with metrics.untimed():
+                        extra["validation_loss"] = validation_loss(model, validator, parallel_dims, job_config, device)
+                if "validation_loss" in extra or result.stop or step % job_config.metrics.log_freq == 0 or step in (1, training.steps):
+                    records.append(log_step(metrics, step, result, lr_schedulers, global_batch * padded_len, parallel_dims, **extra))
+                checkpointer.save(step, last_step=step == training.steps, now=result.stop)
+                profiler.step()
+                if result.stop:
+                    log(stop_line(signals.received, step, job_config))
+                    break
     finally:
         loader.close()
         metrics.close()
         checkpointer.close()
     return model, records
+
+
+def stop_line(received: str | None, step: int, job_config: JobConfig) -> str:
+    ckpt = job_config.checkpoint
+    saved = (f"checkpoint {job_config.job.dump_folder}/{ckpt.folder}/step-{step} saved; the same command resumes from it"
+             if ckpt.enable and not ckpt.load_only else "checkpointing is off: nothing saved")
+    return f"stopped by {received or 'a signal to another rank'} after step {step} of {job_config.training.steps}: {saved}"
 
 
 def main(argv: list[str]) -> None:
@@ -108,6 +236,10 @@ def main(argv: list[str]) -> None:
         torch.use_deterministic_algorithms(True)
     try:
         train(job_config, spec, model_args, parallel_dims, recipe, device)
+    except NonFiniteError as e:
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
     finally:
         dist.destroy_process_group()
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
+from components import profiling, validation
 from components.checkpoint import WeightSource, check_dcp_checkpoint, load_dcp_model, weight_source
 from components.config import ConfigError, JobConfig
 from components.files import CheckpointError, log
@@ -91,6 +92,10 @@ def _validate(job_config: JobConfig):
     if ac.mlp_chunk_size < 0 or (ac.mlp_chunk_size and parallel_dims.tp > 1):
         raise ConfigError(f"activation_checkpoint.mlp_chunk_size={ac.mlp_chunk_size}: give 0 (off) or a positive number of "
                           f"tokens, and 0 under tensor parallel (which already splits the MLP's hidden_dim by tp)")
+    if job_config.training.skip_nonfinite_steps < 0:
+        raise ConfigError(f"training.skip_nonfinite_steps={job_config.training.skip_nonfinite_steps} must be >= 0")
+    validation.check(job_config)
+    profiling.check(job_config)
     recipe = build_recipe(job_config)
     if recipe.vocab_size > model_args.vocab_size:
         raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")
@@ -138,13 +143,15 @@ def free_port() -> int:
 
 
 def init_distributed(job_config: JobConfig) -> torch.device:
-    """NCCL on GPUs, gloo on CPU; also a 1-process group so one code path serves every layout."""
+    """NCCL on GPUs, gloo on CPU; also a 1-process group so one code path serves every layout.
+    With FSDP's CPU offload, collectives on host tensors (gradient norm, checkpoint state) go over
+    gloo (torchtitan's choice too)."""
     if "WORLD_SIZE" not in os.environ:  # plain `python train.py`: a 1-process group on a free port
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cuda:nccl,cpu:gloo" if job_config.training.enable_cpu_offload else "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=job_config.comm.init_timeout_seconds))

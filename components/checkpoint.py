@@ -279,12 +279,13 @@ class Checkpointer:
             raise CheckpointError(f"cannot resume from {self.source.path}: {dcp_error_line(e)}") from None
         return self.train_state.step
 
-    def save(self, step: int, last_step: bool = False) -> None:
+    def save(self, step: int, last_step: bool = False, now: bool = False) -> None:
+        """now: whatever checkpoint.interval says, and synchronously (a preempted run's last save)."""
         self.train_state.step = step
         if step in self.stale:
             self._remove([os.path.join(self.folder, f"step-{step}")])
             self.stale.discard(step)
-        self.manager.save(step, last_step=last_step)
+        self.manager.save(step, last_step=last_step or now)
         ckpt = self.job_config.checkpoint
         if (ckpt.export_interval > 0 and step % ckpt.export_interval == 0) or (last_step and ckpt.last_save_in_hf):
             self.export(os.path.join(self.job_config.job.dump_folder, "hf", f"step-{step}"))
@@ -320,5 +321,11 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
         barrier()
 
+    def maybe_wait_for_staging(self) -> None:
+        """Before the optimizer step: async_with_pinned_mem may still be copying the weights to host."""
+        self.manager.maybe_wait_for_staging()
+
     def close(self) -> None:
+        if self.manager.enable:
+            self.manager._async_wait()  # a save in flight ends before the process group does; close() leaves it
         self.manager.close()

@@ -18,7 +18,9 @@ from torchtitan.config.job_config import ActivationCheckpoint as TitanActivation
 from torchtitan.config.job_config import Checkpoint as TitanCheckpoint
 from torchtitan.config.job_config import Model as TitanModel
 from torchtitan.config.job_config import Parallelism as TitanParallelism
+from torchtitan.config.job_config import Profiling as TitanProfiling
 from torchtitan.config.job_config import Training as TitanTraining
+from torchtitan.config.job_config import Validation as TitanValidation
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,10 @@ class Training(TitanTraining):
     from step S on (steps count from 1; the first S is 0), rows are seq_len tokens. S increasing; the
     largest seq_len must equal training.seq_len. Each stage compiles once. Set it in the TOML."""
 
+    skip_nonfinite_steps: int = 0
+    """Steps whose loss or grad norm is NaN/inf the run may skip (batch dropped, weights and LR
+    schedule unchanged, counted as skipped_steps) before it stops with exit code 3; 0: stop at the first."""
+
 
 @dataclass
 class Checkpoint(TitanCheckpoint):
@@ -87,6 +93,35 @@ class ActivationCheckpoint(TitanActivationCheckpoint):
     mlp_chunk_size: int = 0
     """Tokens per tile of the tiled MLP (0: off): the SwiGLU runs over sequence tiles, each
     recomputed in backward, so its [T, hidden_dim] intermediates never exist whole."""
+
+
+@dataclass
+class Validation(TitanValidation):
+    """Held-out loss every `freq` steps (components/validation.py)."""
+
+    dataset: str = "auto"
+    """Format of validation.dataset_path: "auto" (from the file extension), "text", "json" or "parquet"."""
+
+    dataset_path: str | None = None
+    """Held-out documents (a file or folder, like training.dataset_path), read by the run's recipe and packed alike."""
+
+    local_batch_size: int = -1
+    """Rows per dp rank of one validation batch; -1: training.local_batch_size."""
+
+    seq_len: int = -1
+    """Tokens per packed validation row; -1: training.seq_len."""
+
+    steps: int = 10
+    """Validation batches per evaluation, the same batches every time (the whole set, -1, is not supported)."""
+
+    def __post_init__(self):
+        pass  # torchtitan asserts here; components/validation.check refuses bad values in one line
+
+
+@dataclass
+class Profiling(TitanProfiling):
+    all_ranks: bool = False
+    """Write traces and memory snapshots on every rank; false: rank 0 only (the ranks run the same program)."""
 
 
 @dataclass
@@ -123,6 +158,8 @@ class JobConfig(TitanJobConfig):
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     training: Training = field(default_factory=Training)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    validation: Validation = field(default_factory=Validation)
+    profiling: Profiling = field(default_factory=Profiling)
     recipe: Recipe = field(default_factory=Recipe)
 
 

@@ -184,6 +184,8 @@ def export_hf(model, spec, model_args, out_dir: str, dtype: str, assets_path: st
             for name in names:
                 value = hf_state[name]
                 full = value.full_tensor() if isinstance(value, DTensor) else value  # every rank joins
+                if not torch.isfinite(full).all():  # every rank holds the whole tensor, so all refuse together
+                    raise CheckpointError(f"{name} holds NaN or inf values: a diverged model; export a checkpoint from before it")
                 if rank0:
                     tensors[name] = full.detach().to("cpu", torch_dtype).contiguous()
             if rank0:

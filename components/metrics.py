@@ -1,5 +1,6 @@
 """Per-step metrics: a console line, <dump_folder>/metrics.jsonl, and TensorBoard (torchtitan's writer)."""
 
+import contextlib
 import json
 import os
 import resource
@@ -47,10 +48,33 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _reopen(path: str, start_step: int):
+    """metrics.jsonl for appending, without the records past start_step: those belong to steps the
+    resumed run does again (it saved no checkpoint there), so no step is ever logged twice."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line.rstrip("\n") + "\n" for line in f if (step := _step_of(line)) is not None and step <= start_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)  # atomic: a kill here leaves the old file or the new one
+    return open(path, "a")
+
+
+def _step_of(line: str) -> int | None:
+    """A record's step; None for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsLogger:
     """Only rank 0 writes. `log` takes the step's numbers and derives throughput, MFU and memory."""
 
-    def __init__(self, job_config, device: torch.device, model_args, seq_len: int, total_steps: int, rank: int):
+    def __init__(self, job_config, device: torch.device, model_args, seq_len: int, total_steps: int, rank: int,
+                 start_step: int = 0):
+        """start_step: the step the run resumes after; metrics.jsonl keeps only the records up to it."""
         self.device, self.total_steps = device, total_steps
         self.flops_per_token = model_args.flops_per_token(seq_len)
         self.causal_flops_per_token = model_args.flops_per_token(seq_len, causal=True)
@@ -63,7 +87,7 @@ class MetricsLogger:
         if self.enabled:
             folder = job_config.job.dump_folder
             os.makedirs(folder, exist_ok=True)
-            self.jsonl = open(os.path.join(folder, "metrics.jsonl"), "a")
+            self.jsonl = _reopen(os.path.join(folder, "metrics.jsonl"), start_step)
             if job_config.metrics.enable_tensorboard:
                 self.tensorboard = TensorBoardLogger(os.path.join(folder, job_config.metrics.save_tb_folder))
 
@@ -102,6 +126,15 @@ class MetricsLogger:
             if self.tensorboard is not None:
                 self.tensorboard.log({k: v for k, v in record.items() if k != "step"}, step)
         return record
+
+    @contextlib.contextmanager
+    def untimed(self):
+        """Time spent inside (held-out evaluation) is not training: tokens/s and MFU leave it out."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last += time.perf_counter() - begin
 
     def close(self) -> None:
         if self.jsonl is not None:

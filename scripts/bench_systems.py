@@ -56,7 +56,7 @@ class Ours:
         if self.doc_len:  # packed documents: per-document positions and mask (flex attention on CUDA)
             batch.update(position_ids=positions % self.doc_len, document_ids=positions // self.doc_len)
         return train.train_step(self.model, self.recipe, [batch], self.parallel_dims, self.optimizers,
-                                self.lr_schedulers, self.job_config, self.device)[0]
+                                self.lr_schedulers, self.job_config, self.device).loss.item()
 
 
 class HF:
