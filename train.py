@@ -77,9 +77,9 @@ def token_means(metric_sums: dict[str, torch.Tensor], n_tokens: torch.Tensor, gr
 def on_device(microbatches: list[dict], parallel_dims: ParallelDims, device) -> list[dict]:
     """This rank's micro-batches on the device, cut into its cp chunk. On CUDA through pinned memory
     and without blocking: a pageable copy would make the host wait for the previous step's kernels."""
-    cuda = device.type == "cuda"
-    return [shard_for_cp({k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda) for k, v in mb.items()},
-                         parallel_dims) for mb in microbatches]
+    pin = device.type == "cuda"
+    return [shard_for_cp({k: (v.pin_memory() if pin and not v.is_cuda else v).to(device, non_blocking=pin)
+                          for k, v in mb.items()}, parallel_dims) for mb in microbatches]
 
 
 def labelled_tokens(microbatches: list[dict]) -> torch.Tensor:
