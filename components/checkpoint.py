@@ -17,6 +17,7 @@ adds complete-only resume, damaged-step handling and the HF exports (components/
 """
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.components.checkpoint import CheckpointManager
@@ -238,6 +240,21 @@ class LoaderState(Stateful):
         self.loader.load_state_dict(json.loads(state["json"]))
 
 
+@functools.cache
+def _stager_closes_itself() -> bool:
+    """Whether this torch's DefaultStager fails at its second stage (see Checkpointer._drop_closed_stager).
+    Asked of the behaviour, not the version number: the fix may be backported."""
+    stager = DefaultStager(StagingOptions(False, False, False, False))  # CPU copies, this thread: no CUDA, no pool
+    try:
+        stager.stage({"x": torch.zeros(1)})
+        stager.stage({"x": torch.zeros(1)})
+        return False
+    except KeyError:
+        return True
+    finally:
+        stager.close()
+
+
 class Checkpointer:
     """save(step) after every step; resume() once before the loop. HF exports go to
     {dump_folder}/hf/step-N every checkpoint.export_interval steps and, with last_save_in_hf, at the end."""
@@ -282,6 +299,7 @@ class Checkpointer:
     def save(self, step: int, last_step: bool = False, now: bool = False) -> None:
         """now: whatever checkpoint.interval says, and synchronously (a preempted run's last save)."""
         self.train_state.step = step
+        self._drop_closed_stager()
         if step in self.stale:
             self._remove([os.path.join(self.folder, f"step-{step}")])
             self.stale.discard(step)
@@ -320,6 +338,18 @@ class Checkpointer:
                     os.remove(metadata)  # first: a kill during rmtree must not leave a "complete" folder
                 shutil.rmtree(path, ignore_errors=True)
         barrier()
+
+    def _drop_closed_stager(self) -> None:
+        """async_with_pinned_mem: torchtitan builds one DefaultStager and stages every save with it,
+        but torch 2.11's stager closes its deep copier at the end of each stage (pytorch#170431), so
+        the next save dies in it with `KeyError: <class 'type'>` (pytorch#183413; 2.13 keeps it open,
+        pytorch#183424). Under such a torch, once a save is staged its stager is closed (which also
+        ends its staging thread) and dropped: torchtitan builds a new one at the next save. Cost: new
+        pinned buffers every save, which that torch allocates anyway (the close released the old)."""
+        if self.manager.stager is not None and _stager_closes_itself():
+            self.manager.maybe_wait_for_staging()
+            self.manager.stager.close()
+            self.manager.stager = None
 
     def maybe_wait_for_staging(self) -> None:
         """Before the optimizer step: async_with_pinned_mem may still be copying the weights to host."""

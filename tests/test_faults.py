@@ -27,11 +27,14 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+import torchtitan.components.checkpoint
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 import train
 from components.build import model_spec_and_args
-from components.checkpoint import latest_step, save_dcp_model
+from components import checkpoint
+from components.checkpoint import complete_steps, latest_step, save_dcp_model
 from components.config import ConfigError, parse_config
 from models.common.decoder import Decoder
 from scripts import convert_dcp_to_hf
@@ -119,6 +122,32 @@ def test_nonfinite_step_stops_the_run_and_is_not_saved(tmp_path):
         train_with_nan(args(tmp_path, "--checkpoint.enable", "--checkpoint.interval", "1"), {2})
     assert latest_step(str(tmp_path / "checkpoint")) == 1
     assert [r["step"] for r in metrics(tmp_path)] == [1]
+
+
+def test_async_with_pinned_mem_saves_every_interval(tmp_path, monkeypatch):
+    """torch 2.11's DefaultStager closes its deep copier after each stage (pytorch#170431) and
+    torchtitan stages every save with one stager: the second save died with KeyError: <class 'type'>.
+    That torch is emulated on the installed one, whose stager stays open; staging as on a GPU (a
+    thread, shared memory, an upload process) but without pinning or CUDA copies."""
+    stage = DefaultStager._stage
+
+    def stage_then_close(self, state_dict, **kwargs):  # torch 2.11's DefaultStager._stage
+        staged = stage(self, state_dict, **kwargs)
+        self._state_dict_stager.close()
+        return staged
+
+    monkeypatch.setattr(DefaultStager, "_stage", stage_then_close)
+    monkeypatch.setattr(torchtitan.components.checkpoint, "StagingOptions", lambda *_: StagingOptions(False, True, True, False))
+    checkpoint._stager_closes_itself.cache_clear()
+    try:
+        job_config = parse_config(args(tmp_path, "--checkpoint.enable", "--checkpoint.interval", "1",
+                                       "--checkpoint.async_mode", "async_with_pinned_mem"))
+        spec, model_args, parallel_dims, recipe = train.validate(job_config)
+        with one_rank():
+            train.train(job_config, spec, model_args, parallel_dims, recipe, torch.device("cpu"))
+    finally:
+        checkpoint._stager_closes_itself.cache_clear()  # the next test sees the installed torch again
+    assert complete_steps(str(tmp_path / "checkpoint")) == [1, 2, 3]
 
 
 def test_export_refuses_nonfinite_weights(tmp_path, capfd):
