@@ -346,7 +346,7 @@ class Checkpointer:
         pytorch#183424). Under such a torch, once a save is staged its stager is closed (which also
         ends its staging thread) and dropped: torchtitan builds a new one at the next save. Cost: new
         pinned buffers every save, which that torch allocates anyway (the close released the old)."""
-        if self.manager.stager is not None and _stager_closes_itself():
+        if self.manager.enable_staging and self.manager.stager is not None and _stager_closes_itself():
             self.manager.maybe_wait_for_staging()
             self.manager.stager.close()
             self.manager.stager = None
