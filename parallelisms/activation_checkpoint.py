@@ -129,8 +129,13 @@ class ActivationOffload:
 
     @contextlib.contextmanager
     def saving(self, block_input: torch.Tensor):
+        # Autograd keeps the hooks with every tensor they packed: a pack hook that closed over the
+        # block input itself would keep it on the device for the whole step, the very memory this
+        # frees. Only its address is kept.
+        input_ptr = block_input.data_ptr()
+
         def pack(tensor):
-            if tensor.data_ptr() != block_input.data_ptr():
+            if tensor.data_ptr() != input_ptr:
                 return tensor  # rope tables, masks, "op"'s attention outputs: left where they are
             if tensor.is_cuda and self.stream is None:
                 self.stream = torch.cuda.Stream(tensor.device)

@@ -2,6 +2,8 @@
 same losses and gradients as without them (fp32, CPU), alone and under 2-rank FSDP / Ulysses."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -67,7 +69,13 @@ def test_offload_and_tiling_keep_gradients(packed):
         apply_mlp_tiling(model, 5)
         apply_ac(model, mode, option)
         apply_activation_offload(model, mode, option)
+        inputs = []  # weak references: the device copy of each block input must be freed after forward
+        for block in model.layers.values():
+            block.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
         loss = sum_ce(model(tokens, positions, doc_ids), labels)
+        gc.collect()
+        kept = [i for i, ref in enumerate(inputs) if ref() is not None]
+        assert set(kept) <= set(range(4)) - set(blocks_to_checkpoint(mode, option, 4)), f"{label}: inputs {kept} stayed"
         # Each checkpointed block's input went to the host: one parked copy per such block.
         offload = model.layers["0"]._activation_offload
         parked = [ref() for ref in offload.pending]
