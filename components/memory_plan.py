@@ -2,10 +2,12 @@
 
 The arithmetic behind `scripts/plan.py`. It models what `torch.cuda.max_memory_allocated` sees
 for this repo's own step (FSDP2 with fp32 master weights and bf16 compute, Ulysses, the fused
-chunked loss), at the two moments that can be the peak:
+chunked loss), at the moments that can be the peak:
 
 - the start of backward: the persistent state, every checkpointed block input, the loss's
   held gradients and one block's recomputed activations plus its backward working set;
+- the end of backward: block 0's backward while every other (sharded, fp32) gradient already
+  exists (the peak of large models at short sequences: 4B at 16K on an H200);
 - the optimizer step: the persistent state plus every (sharded, fp32) gradient.
 
 Activation sizes count the tensors autograd saves per token, by name (see `saved_per_token`);
@@ -141,12 +143,19 @@ def plan_memory(a: DecoderArgs, layout: Layout) -> tuple[dict[str, int], dict[st
              "checkpointed activations": checkpointed, "loss held for backward": loss_held,
              "one block's backward": backward, "loss chunk": int(loss_chunk * vocab * (4 if b == 2 else 12)), "RoPE tables": rope,
              "fixed overhead": FIXED_OVERHEAD_BYTES}
-    # Peak: the start of backward (all grads but the root's still None), or the optimizer step.
+    # Peak: the start of backward (all grads but the root's still None), the end of the forward (the
+    # loss chunk), the optimizer step, or the end of backward (below).
     root_grads = 0 if layout.cpu_offload else 4 * root // (shard * tp)
     activation_phase = sum(terms.values()) - terms["fp32 grads"] - terms["loss chunk"] + root_grads
     loss_phase = activation_phase - terms["one block's backward"] + terms["loss chunk"]
     step_phase = sum(state.values()) + gathered + FIXED_OVERHEAD_BYTES
-    terms["peak"] = max(activation_phase, loss_phase, step_phase)
+    # The end of backward: block 0 recomputes while every other gradient already exists (fp32,
+    # sharded) and the root's bf16 gradient waits for its reduce-scatter; the checkpoints of the
+    # later blocks are gone.
+    root_bf16_grad = b * root // tp
+    end_phase = (sum(state.values()) + gathered + comm + backward + per_ckpt * b + rope + root_bf16_grad
+                 + FIXED_OVERHEAD_BYTES)
+    terms["peak"] = max(activation_phase, loss_phase, step_phase, end_phase)
     return terms, host
 
 

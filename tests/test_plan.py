@@ -90,3 +90,14 @@ def test_flops_per_token_and_mfu_by_hand():
     # 50K tokens/s at 4.32 GFLOP/token on an H100 SXM: 0.218.
     assert mfu(50_000, a.flops_per_token(seq), 989.4e12) == pytest.approx(50_000 * a.flops_per_token(seq) / 989.4e12)
     assert mfu(50_000, a.flops_per_token(seq), 0.0) == 0.0
+
+
+def test_end_of_backward_holds_every_gradient():
+    # 4B at 16K under full AC: the peak is block 0's backward, with every fp32 gradient already
+    # reduced, one block input left and the root's bf16 gradient awaiting its reduce-scatter.
+    a = qwen3_flavors["4B"]
+    t = plan_memory(a, Layout(seq_len=16384, ac="full"))[0]
+    state = t["fp32 weights"] + t["AdamW state"] + t["fp32 grads"]
+    end = (state + t["gathered bf16 weights"] + t["communication buffers"] + t["one block's backward"]
+           + 16384 * a.dim * 2 + t["RoPE tables"] + 2 * root_params(a) + t["fixed overhead"])
+    assert t["peak"] == end
