@@ -19,6 +19,17 @@ PRECISIONS = {
 }
 
 
+def assert_matches_one_gpu(result: dict, ref: dict, name: str, precision: str, rtol: float) -> None:
+    """fp32: every step's loss and grad norm, final weights and grads; bf16: loss and grad norm."""
+    print(f"{precision} {name}: loss {result['loss']} (1 GPU {ref['loss']}); "
+          f"grad_norm {result['grad_norm']} (1 GPU {ref['grad_norm']})")
+    if precision == "fp32":
+        assert_matches_reference(result, ref, name, rtol)
+    else:
+        assert_rel_close(torch.tensor(result["loss"]), torch.tensor(ref["loss"]), rtol, f"{name} loss")
+        assert_rel_close(torch.tensor(result["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol, f"{name} grad_norm")
+
+
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))
 def test_gpu_layouts_match_one_gpu(precision, hf_dir, tmp_path):
     extra, rtol = PRECISIONS[precision]
@@ -27,13 +38,7 @@ def test_gpu_layouts_match_one_gpu(precision, hf_dir, tmp_path):
         names = [n for n, layout in LAYOUTS[world_size].items() if not layout.get("random_init")]
         cases = [overrides(hf_dir, str(tmp_path / n), LAYOUTS[world_size][n], extra) for n in names]
         for name, result in zip(names, run_on_ranks(world_size, train_layouts, cases, use_gpus=True)):
-            print(f"{precision} {name}: loss {result['loss']} (1 GPU {ref['loss']}); "
-                  f"grad_norm {result['grad_norm']} (1 GPU {ref['grad_norm']})")
-            if precision == "fp32":
-                assert_matches_reference(result, ref, name, rtol)
-            else:
-                assert_rel_close(torch.tensor(result["loss"]), torch.tensor(ref["loss"]), rtol, f"{name} loss")
-                assert_rel_close(torch.tensor(result["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol, f"{name} grad_norm")
+            assert_matches_one_gpu(result, ref, name, precision, rtol)
 
 
 # This round's features on two GPUs, each against the 1-GPU run with the same model flags.
@@ -61,11 +66,4 @@ def test_gpu_features_match_one_gpu(precision, hf_dir, tmp_path):
     cases = [overrides(hf_dir, str(tmp_path / f"case{i}"), FEATURES[n][0], [*FEATURES[n][1], *extra])
              for i, n in enumerate(names)]
     for name, result in zip(names, run_on_ranks(2, train_layouts, cases, use_gpus=True)):
-        ref = ref_of[tuple(FEATURES[name][1])]
-        print(f"{precision} {name}: loss {result['loss']} (1 GPU {ref['loss']}); "
-              f"grad_norm {result['grad_norm']} (1 GPU {ref['grad_norm']})")
-        if precision == "fp32":
-            assert_matches_reference(result, ref, name, rtol)
-        else:
-            assert_rel_close(torch.tensor(result["loss"]), torch.tensor(ref["loss"]), rtol, f"{name} loss")
-            assert_rel_close(torch.tensor(result["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol, f"{name} grad_norm")
+        assert_matches_one_gpu(result, ref_of[tuple(FEATURES[name][1])], name, precision, rtol)
