@@ -9,7 +9,6 @@ conversation before packing, so they shard with the tokens under any dp/tp/cp la
 `scripts/show_sft.py` prints what this recipe trains on.
 """
 
-import os
 
 from components.build import log
 from models.common.loss import IGNORE_INDEX
@@ -55,7 +54,7 @@ class SFTRecipe:
         try:
             return fn(self.documents[index])
         except DataError as e:
-            raise DataError(f"{record_location(self.job_config.training.dataset_path, index)}: {e}") from None
+            raise DataError(f"{self.documents.where(index)}: {e}") from None
 
     def encode_at(self, index: int) -> tuple[list[int], list[int]]:
         """The stream's encode: record `index`; the last record closes a pass over the data."""
@@ -85,18 +84,3 @@ class SFTRecipe:
         """(sum of token losses on this rank's tokens, no recipe metrics): pretraining's loss, other labels."""
         return next_token_loss_sum(model, batch, self.job_config.recipe.loss_chunk_size), {}
 
-
-def record_location(path: str, index: int) -> str:
-    """"FILE:LINE" of record `index` of a JSON-lines file or folder (blank lines are skipped when
-    reading), else "record INDEX of PATH" (parquet)."""
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
-    rest = index
-    for file in files:
-        if not file.endswith((".json", ".jsonl")):
-            break
-        with open(file) as f:
-            lines = [number for number, line in enumerate(f, 1) if line.strip()]
-        if rest < len(lines):
-            return f"{file}:{lines[rest]}"
-        rest -= len(lines)
-    return f"record {index} of {path}"
