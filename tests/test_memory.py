@@ -15,7 +15,7 @@ from parallelisms.activation_checkpoint import apply_ac, apply_activation_offloa
 from tests.conftest import assert_rel_close, randomize_parameters
 from tests.distributed_harness import run_on_ranks
 from tests.test_models import grads, pack, sum_ce, tiny_args
-from tests.test_parallel import assert_matches_reference, overrides, train_layouts
+from tests.test_parallel import assert_matches_reference, one_process_references, overrides, train_layouts
 
 MODES = {"full": ("full", "1"), "every 2nd block": ("selective", "2"), "op": ("selective", "op")}
 
@@ -94,7 +94,7 @@ MEMORY_FLAGS = ["--activation_checkpoint.cpu_offload", "--activation_checkpoint.
 
 def test_offload_and_tiling_under_fsdp_and_ulysses_match_one_process(hf_dir, tmp_path):
     """train.py's own functions, 3 steps: one plain process vs 2 ranks with offload and tiling."""
-    reference = run_on_ranks(1, train_layouts, [overrides(hf_dir, str(tmp_path / "ref"), {})])[0]
+    (reference,) = one_process_references([overrides(hf_dir, str(tmp_path / "ref"), {})])
     layouts = {
         "dp2 full AC": {"dp_shard": 2, "local_batch": 1, "flags": ["--activation_checkpoint.mode", "full", *MEMORY_FLAGS]},
         "cp2 op AC": {"cp": 2, "flags": ["--activation_checkpoint.mode", "selective",
