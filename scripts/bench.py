@@ -49,8 +49,7 @@ def measure(name, args, device, model_args, hf_weights) -> dict:
     warm_times, warm_losses = time_steps(system, args.seq, vocab, device, 0, args.warmup)
     times, losses = time_steps(system, args.seq, vocab, device, args.warmup, args.steps)
     print(f"[{name}] losses {[round(x, 4) for x in warm_losses + losses]}", flush=True)
-    alloc, reserved = memory_gib(device)
-    free(system)
+    alloc, reserved = memory_gib(device)  # the caller frees the system once this frame is gone
     return dict(system=name, first_loss=warm_losses[0], last_loss=losses[-1], first_step_s=warm_times[0],
                 alloc=alloc, reserved=reserved, **speed(times, args, model_args, device))
 

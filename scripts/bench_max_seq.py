@@ -32,18 +32,23 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def one_step(name, args, seq, device, model_args) -> float:
+    """Seconds of one step of a system built at this length; it is garbage once this returns."""
+    system = build_system(name, args, seq, device, model_args)
+    (elapsed,), _ = time_steps(system, seq, model_args.vocab_size, device, 0, 1)
+    return elapsed
+
+
 def fits(name, args, seq, device, model_args) -> bool:
     """Build the system at this length and train one step."""
-    system, ok, elapsed = None, False, float("nan")
+    ok, elapsed = False, float("nan")
     reset_memory(device)
     try:
-        system = build_system(name, args, seq, device, model_args)
-        (elapsed,), _ = time_steps(system, seq, model_args.vocab_size, device, 0, 1)
-        ok = True
+        elapsed, ok = one_step(name, args, seq, device, model_args), True
     except torch.OutOfMemoryError:
         pass  # the exception (and the frames holding tensors) is dropped on leaving the handler
     alloc, _ = memory_gib(device)
-    free(system)
+    free()
     print(f"[{name}] seq {seq}: {'ok' if ok else 'OOM'} (peak {alloc:.1f} GiB, step {elapsed:.1f} s)", flush=True)
     return ok
 

@@ -224,13 +224,26 @@ def memory_gib(device) -> tuple[float, float]:
     return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
 
 
+# cuBLAS workspaces and the like stay allocated between systems; a model never weighs this little.
+LEFTOVER_BYTES = 256 * 2**20
+
+
 def reset_memory(device) -> None:
+    """Start a peak measurement. Refuses to start over an earlier system that is still allocated:
+    max_memory_allocated would count it into this one's peak."""
+    free()
     if device.type == "cuda":
+        leftover = torch.cuda.memory_allocated(device)
+        if leftover > LEFTOVER_BYTES:
+            raise RuntimeError(f"{leftover / 2**30:.2f} GiB of an earlier system is still allocated; "
+                               "drop every reference to it before the next measurement")
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def free(system=None) -> None:
-    del system
+def free() -> None:
+    """Reclaim the systems nothing refers to any more. A model's hooks, FSDP state and optimizer
+    refer to each other, so only the cycle collector frees them: call this after the last
+    reference is gone (collecting while a caller still holds the system frees nothing)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
