@@ -5,7 +5,9 @@ for this repo's own step (FSDP2 with fp32 master weights and bf16 compute, Ulyss
 chunked loss), at the moments that can be the peak:
 
 - the start of backward: the persistent state, every checkpointed block input, the loss's
-  held gradients and one block's recomputed activations plus its backward working set;
+  held gradients and one block's recomputed activations plus its backward working set, whose
+  own peak is the larger of its two phases: the MLP's backward (its hidden-wide values, or one
+  tile's) or, once those are freed, the attention kernel's (see `attention_backward_per_token`);
 - the end of backward: block 0's backward while every other (sharded, fp32) gradient already
   exists (the peak of large models at short sequences: 4B at 16K on an H200);
 - the optimizer step: the persistent state plus every (sharded, fp32) gradient.
@@ -20,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from models.common.args import DecoderArgs
+from parallelisms.ulysses import kv_heads_to_send
 
 GIB = 2**30
 # Not seen by the model's terms: cuBLAS/cuDNN workspaces, NCCL buffers, the allocator's
@@ -36,6 +39,7 @@ class Layout:
     batch: int = 1
     dp_shard: int = 1  # FSDP shards over dp_shard x cp ranks
     cp: int = 1
+    cp_shard: int = 1  # cp = cp_shard (sequence shard, K/V all-gathered) x Ulysses
     tp: int = 1
     ac: str = "full"  # "none", "full", "op" (selective per-op) or "selective" (every ac_every-th block)
     ac_every: int = 1
@@ -54,7 +58,7 @@ def layout_from_config(job_config, parallel_dims) -> Layout:
     multiple = parallel_dims.tp * parallel_dims.cp
     return Layout(
         seq_len=-(-training.seq_len // multiple) * multiple, batch=training.local_batch_size,
-        dp_shard=parallel_dims.dp_shard, cp=parallel_dims.cp, tp=parallel_dims.tp, ac=mode,
+        dp_shard=parallel_dims.dp_shard, cp=parallel_dims.cp, cp_shard=parallel_dims.cp_shard, tp=parallel_dims.tp, ac=mode,
         ac_every=int(ac.selective_ac_option) if mode == "selective" else 1,
         cpu_offload=training.enable_cpu_offload, activation_offload=ac.cpu_offload, mlp_chunk=ac.mlp_chunk_size,
         loss_chunk=job_config.recipe.loss_chunk_size, reshard_after_forward=p.fsdp_reshard_after_forward != "never",
@@ -71,8 +75,9 @@ def root_params(a: DecoderArgs) -> int:
     return a.num_params() - a.n_layers * block_params(a)
 
 
-def saved_per_token(a: DecoderArgs, layout: Layout, tiled_mlp: bool = False) -> float:
-    """Elements one block saves for backward per local token when it is not checkpointed.
+def saved_per_token(a: DecoderArgs, layout: Layout) -> tuple[float, float]:
+    """Elements one block saves for backward per local token when it is not checkpointed, as
+    (attention half, MLP half).
 
     Eager, by name: x and its norm, q and k before their norms, q/k/v after RoPE, the attention
     output and its reshaped copy (wo's input), h and its norm, and the MLP's gate, up,
@@ -83,11 +88,23 @@ def saved_per_token(a: DecoderArgs, layout: Layout, tiled_mlp: bool = False) -> 
     tp = layout.tp
     qd, kvd, hidden = a.n_heads * a.head_dim / tp, a.n_kv_heads * a.head_dim / tp, a.hidden_dim / tp
     dim_sp = a.dim / tp  # sequence parallel: the residual stream is split over tp
-    if layout.compile:
-        attention, mlp = 4 * dim_sp + 2 * qd + 1.5 * kvd, 4 * hidden
-    else:
-        attention, mlp = 4 * dim_sp + 5 * qd + 4 * kvd, 4 * hidden
-    return attention + (0 if tiled_mlp else mlp)
+    attention = 4 * dim_sp + (2 * qd + 1.5 * kvd if layout.compile else 5 * qd + 4 * kvd)
+    tiled = 0 < layout.mlp_chunk < layout.batch * layout.seq_len // layout.cp
+    return attention, 0 if tiled else 4 * hidden
+
+
+def attention_backward_per_token(a: DecoderArgs, layout: Layout) -> float:
+    """Bytes per local token the attention kernel's backward adds while it runs: the gradient of
+    its output coming in, dq, dk and dv going out, and the fp32 dq accumulator that the
+    flash-style kernels (cuDNN, flash, flex) keep for the whole call. Under cp each rank attends
+    for as many (token, head) query pairs as it holds tokens x local heads (Ulysses trades
+    tokens for heads), against the K/V of its shard's whole row: the kv heads it received, for
+    cp times its local tokens."""
+    b, ulysses = layout.act_bytes, layout.cp // layout.cp_shard
+    qd = a.n_heads // layout.tp * a.head_dim
+    kv_heads = kv_heads_to_send(a.n_kv_heads // layout.tp, ulysses) // ulysses
+    kvd = layout.cp * kv_heads * a.head_dim
+    return qd * (2 * b + 4) + 2 * kvd * b
 
 
 def plan_memory(a: DecoderArgs, layout: Layout) -> tuple[dict[str, int], dict[str, int]]:
@@ -116,20 +133,24 @@ def plan_memory(a: DecoderArgs, layout: Layout) -> tuple[dict[str, int], dict[st
         qd, kvd = a.n_heads * a.head_dim / tp, a.n_kv_heads * a.head_dim / tp
         per_ckpt += tokens * (qd + a.n_heads / tp * 2 + (2 * qd + 2 * kvd if cp > 1 else 0))
     tiled = 0 < layout.mlp_chunk < tokens
-    block_acts = tokens * saved_per_token(a, layout, tiled)
+    attention_saved, mlp_saved = saved_per_token(a, layout)
+    block_acts = tokens * (attention_saved + mlp_saved)
     ckpt_input = tokens * d_local * b
     checkpointed = int(ckpt_blocks * per_ckpt * b) + int((L - ckpt_blocks) * block_acts * b)
     if layout.activation_offload:
         host["checkpointed block inputs"] = ckpt_blocks * ckpt_input
         checkpointed -= (ckpt_blocks - 1) * ckpt_input  # the prefetched one is back on the device
 
-    # One block's backward: its recomputed activations (when checkpointed), the gradients of the
-    # residual stream in flight, the all-to-all buffers under cp, and one MLP tile's fp32 values.
+    # One block's backward: the attention half of its recomputed activations (when checkpointed),
+    # the gradients of the residual stream in flight and the all-to-all buffers under cp, plus
+    # the larger of its two phases: first the MLP's (its recomputed hidden-wide values, or one
+    # tile's fp32 values), then, those freed, the attention kernel's.
     qkv = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim / tp
     in_flight = tokens * (3 * a.dim / tp + (3 * qkv if cp > 1 else 0))
     tile = min(layout.mlp_chunk, tokens) * a.hidden_dim / tp * (6 if layout.compile else 12) if tiled else 0
-    recomputed = block_acts if ckpt_blocks else 0
-    backward = int((recomputed + in_flight + tile) * b)
+    recomputed = tokens * attention_saved if ckpt_blocks else 0
+    mlp_phase = ((tokens * mlp_saved if ckpt_blocks else 0) + tile) * b
+    backward = int((recomputed + in_flight) * b + max(mlp_phase, tokens * attention_backward_per_token(a, layout)))
 
     # Fused chunked loss: dL/dh (bf16) and dL/dW (fp32) held from forward to backward, and one
     # chunk's logits with their gradient while it runs (bf16 on CUDA, where the chunk is one

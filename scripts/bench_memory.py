@@ -2,6 +2,7 @@
 
     python scripts/bench_memory.py                       # the default cases (about 5 minutes on an H200)
     python scripts/bench_memory.py --cases 0.6B/32768/full "0.6B/1048576/full+offload+tiles/2"
+    python scripts/bench_memory.py --plan-only           # the planned column alone, on any machine
 
 A case is FLAVOR/SEQ/SETTINGS[/LAYERS]: SETTINGS joins none|full|op with +offload (activation
 offload), +tiles (mlp_chunk_size 16384), +hostopt (training.enable_cpu_offload); LAYERS keeps only
@@ -94,10 +95,17 @@ def measure(argv: list[str], device) -> tuple[float, float]:
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="FLAVOR/SEQ/SETTINGS[/LAYERS]")
+    p.add_argument("--plan-only", action="store_true", help="print the plans without training (no GPU needed)")
     args = p.parse_args(argv)
+    folder = tempfile.mkdtemp(prefix="bench_memory_")
+    if args.plan_only:
+        for case in args.cases:
+            reduced, full = case_args(case, folder)
+            print(f"[{case}] planned {planned_gib(reduced):.2f} GiB" +
+                  (f", at full depth {planned_gib(full):.2f} GiB" if reduced != full else ""))
+        return
     device = init_distributed(parse_config(["--job.config_file", CONFIG]))
     torch._dynamo.config.recompile_limit = 64
-    folder = tempfile.mkdtemp(prefix="bench_memory_")
     rows = []
     for case in args.cases:
         reduced, full = case_args(case, folder)

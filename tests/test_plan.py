@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from components.config import ConfigError
-from components.memory_plan import GIB, Layout, block_params, largest_term, longest_seq, plan_memory, root_params
+from components.memory_plan import (GIB, Layout, attention_backward_per_token, block_params, largest_term, longest_seq,
+                                   plan_memory, root_params, saved_per_token)
 from components.metrics import mfu, peak_flops_for
 from models.common.decoder import Decoder
 from models.qwen2 import qwen2_flavors
@@ -101,3 +102,26 @@ def test_end_of_backward_holds_every_gradient():
     end = (state + t["gathered bf16 weights"] + t["communication buffers"] + t["one block's backward"]
            + 16384 * a.dim * 2 + t["RoPE tables"] + 2 * root_params(a) + t["fixed overhead"])
     assert t["peak"] == end
+
+
+def test_block_backward_peaks_in_its_larger_phase():
+    # 0.6B: 16 query heads and 8 kv heads of 128. The attention kernel's backward adds dout, dq
+    # (2048 bf16 each), dk, dv (1024 each) and the fp32 dq accumulator (2048 x 4 bytes) per token.
+    a = QWEN3_06B
+    assert attention_backward_per_token(a, Layout(seq_len=1)) == 2048 * 2 * 2 + 2 * 1024 * 2 + 2048 * 4
+    # Ulysses 2 splits the 8 kv heads for twice the tokens; a sequence shard of 2 holds the whole
+    # row's K/V; Ulysses 16 replicates them (one kv head per rank, for 16x the tokens).
+    assert attention_backward_per_token(a, Layout(seq_len=1, cp=2)) == 20480
+    assert attention_backward_per_token(a, Layout(seq_len=1, cp=2, cp_shard=2)) == 20480 + 2 * 1024 * 2
+    assert attention_backward_per_token(a, Layout(seq_len=1, cp=16)) == 2048 * 8 + 2 * 16 * 128 * 2
+
+    seq = 262144
+    in_flight = seq * 3 * a.dim * 2
+    attention_saved, mlp_saved = saved_per_token(a, Layout(seq_len=seq))
+    # Whole MLP: its recomputed [T, hidden] values (4 x 3072 per token) outweigh the attention phase.
+    whole = plan_memory(a, Layout(seq_len=seq, ac="full"))[0]["one block's backward"]
+    assert mlp_saved == 4 * 3072 and whole == int(seq * (attention_saved + mlp_saved) * 2 + in_flight)
+    # Tiled: a tile's values are small, so the attention kernel's phase sets the block's peak.
+    tiled = plan_memory(a, Layout(seq_len=seq, ac="full", mlp_chunk=16384))[0]["one block's backward"]
+    assert saved_per_token(a, Layout(seq_len=seq, mlp_chunk=16384))[1] == 0
+    assert tiled == int(seq * attention_saved * 2 + in_flight + seq * attention_backward_per_token(a, Layout(seq_len=seq)))
