@@ -3,6 +3,7 @@
     python scripts/bench_memory.py                       # the default cases (about 5 minutes on an H200)
     python scripts/bench_memory.py --cases 0.6B/32768/full "0.6B/1048576/full+offload+tiles/2"
     python scripts/bench_memory.py --plan-only           # the planned column alone, on any machine
+    python scripts/bench_memory.py --cases 0.6B/32768/full --snapshot /tmp/snapshots   # what is live at the peak
 
 A case is FLAVOR/SEQ/SETTINGS[/LAYERS]: SETTINGS joins none|full|op with +offload (activation
 offload), +tiles (mlp_chunk_size 16384), +hostopt (training.enable_cpu_offload); LAYERS keeps only
@@ -79,14 +80,22 @@ def train_two_steps(argv: list[str], device) -> float:
     return times[-1]
 
 
-def measure(argv: list[str], device) -> tuple[float, float]:
-    """(peak GiB allocated over 2 steps, seconds of the second step); nan when out of memory."""
+def measure(argv: list[str], device, snapshot: str | None = None) -> tuple[float, float]:
+    """(peak GiB allocated over 2 steps, seconds of the second step); nan when out of memory.
+    snapshot: a file for the CUDA allocator's history of the case (every live tensor at the peak,
+    with the stack that allocated it: pytorch.org/memory_viz)."""
     reset_memory(device)
+    recording = snapshot is not None and device.type == "cuda"
+    if recording:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
     try:
         step_s = train_two_steps(argv, device)
         result = memory_gib(device)[0], step_s
     except torch.OutOfMemoryError:
         result = float("nan"), float("nan")
+    if recording:
+        torch.cuda.memory._dump_snapshot(snapshot)
+        torch.cuda.memory._record_memory_history(enabled=None)
     torch._dynamo.reset()
     free()
     return result
@@ -96,6 +105,7 @@ def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="FLAVOR/SEQ/SETTINGS[/LAYERS]")
     p.add_argument("--plan-only", action="store_true", help="print the plans without training (no GPU needed)")
+    p.add_argument("--snapshot", metavar="DIR", help="write each case's allocator snapshot to DIR/CASE.pickle")
     args = p.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="bench_memory_")
     if args.plan_only:
@@ -106,10 +116,13 @@ def main(argv):
         return
     device = init_distributed(parse_config(["--job.config_file", CONFIG]))
     torch._dynamo.config.recompile_limit = 64
+    if args.snapshot:
+        os.makedirs(args.snapshot, exist_ok=True)
     rows = []
     for case in args.cases:
         reduced, full = case_args(case, folder)
-        measured, step_s = measure(reduced, device)
+        snapshot = os.path.join(args.snapshot, case.replace("/", "_").replace("+", "-") + ".pickle") if args.snapshot else None
+        measured, step_s = measure(reduced, device, snapshot)
         rows.append((case, planned_gib(reduced), measured, step_s, planned_gib(full) if reduced != full else None))
         print(f"[{case}] planned {rows[-1][1]:.2f} GiB, measured {measured:.2f} GiB, step {step_s:.1f} s", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
