@@ -9,6 +9,7 @@ Exit codes: 0 done, or stopped by SIGTERM/SIGINT after a checkpoint; 2 a refused
 `error:` line); 3 a step whose loss or grad norm was not finite (nothing of it applied or saved).
 """
 
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -231,9 +232,12 @@ def stop_line(received: str | None, step: int, job_config: JobConfig) -> str:
 def main(argv: list[str]) -> None:
     job_config = parse_config(argv)
     spec, model_args, parallel_dims, recipe = validate(job_config)
-    device = init_distributed(job_config)
     if job_config.debug.deterministic:
-        torch.use_deterministic_algorithms(True)
+        # cuBLAS repeats its results only with a fixed workspace, read before its first call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True, warn_only=job_config.debug.deterministic_warn_only)
+    device = init_distributed(job_config)
     try:
         train(job_config, spec, model_args, parallel_dims, recipe, device)
     except NonFiniteError as e:

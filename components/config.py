@@ -304,7 +304,7 @@ UNSUPPORTED = {
                               "visualize_memory_budget_pareto", "preserve_rng_state", "determinism_check", "debug"),
     "compile": ("components",),
     "comm": ("train_timeout_seconds", "trace_buf_size", "save_traces_folder", "save_traces_file_prefix", "mode"),
-    "debug": ("deterministic_warn_only", "moe_force_load_balance"),
+    "debug": ("moe_force_load_balance",),
     "quantize": ALL,
     "memory_estimation": ALL,
     "fault_tolerance": ALL,
