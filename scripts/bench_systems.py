@@ -241,9 +241,8 @@ def reset_memory(device) -> None:
 
 
 def free() -> None:
-    """Reclaim the systems nothing refers to any more. A model's hooks, FSDP state and optimizer
-    refer to each other, so only the cycle collector frees them: call this after the last
-    reference is gone (collecting while a caller still holds the system frees nothing)."""
+    """Collect what nothing refers to any more and hand the cached blocks back. Call it once the
+    last reference to a system is gone: a frame that still holds one keeps all of it alive."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
