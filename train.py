@@ -9,6 +9,7 @@ Exit codes: 0 done, or stopped by SIGTERM/SIGINT after a checkpoint; 2 a refused
 `error:` line); 3 a step whose loss or grad norm was not finite (nothing of it applied or saved).
 """
 
+import gc
 import os
 import signal
 import sys
@@ -66,6 +67,30 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+class ScheduledGC:
+    """Python's automatic collections would pause the host at whatever step crosses its allocation
+    threshold, and a full one walks every object of the model, its hooks and compiled graphs. As in
+    torchtitan, they are off during the loop and a young-generation collection runs every
+    training.gc_freq steps instead."""
+
+    def __init__(self, freq: int):
+        self.freq = freq
+
+    def __enter__(self):
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+        gc.collect(1)
+        return self
+
+    def step(self, step: int) -> None:
+        if step % self.freq == 0:
+            gc.collect(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.was_enabled:
+            gc.enable()
+
+
 def token_means(metric_sums: dict[str, torch.Tensor], n_tokens: torch.Tensor, group) -> dict[str, float]:
     """A recipe's per-token metric sums on this rank -> means over the global batch's labelled tokens."""
     if not metric_sums:
@@ -112,25 +137,40 @@ def train_step(model, recipe, microbatches, parallel_dims, optimizers, lr_schedu
     # one of those mesh dims, so it is the one-process norm (not 1/sqrt(cp) of it).
     grad_norm = clip_grad_norm_(model.parameters(), job_config.training.max_norm)
     dist.all_reduce(total, group=dp_cp)  # tp ranks already hold the same value
-    nonfinite, stop = agree(total, grad_norm, stop_requested)
-    if nonfinite is None:
-        if checkpointer is not None:
-            checkpointer.maybe_wait_for_staging()  # an async_with_pinned_mem save may still be copying the weights
+    flags = step_flags(total, grad_norm, stop_requested)
+    if checkpointer is not None:
+        checkpointer.maybe_wait_for_staging()  # an async_with_pinned_mem save may still be copying the weights
+    # A fused optimizer skips a non-finite step on the device (found_inf), so it is queued before
+    # the host reads the flags and the device never waits for the host between backward and the
+    # update. The others step only once the host has read them.
+    stepped_on_device = skips_on_device(optimizers)
+    if stepped_on_device:
+        found_inf = flags[:2].amax()  # 1.0: the kernel leaves weights, moments and step counts as they were
+        for optimizer in optimizers:
+            optimizer.found_inf = found_inf
         optimizers.step()
+    bad_loss, bad_grad_norm, stop = flags.tolist()  # the step's one host sync
+    nonfinite = "loss" if bad_loss else "grad_norm" if bad_grad_norm else None
+    if nonfinite is None:
+        if not stepped_on_device:
+            optimizers.step()
         lr_schedulers.step()
-    return StepResult(total, grad_norm, n_tokens, metric_sums, nonfinite, stop)
+    return StepResult(total, grad_norm, n_tokens, metric_sums, nonfinite, bool(stop))
 
 
-def agree(loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool) -> tuple[str | None, bool]:
-    """The step's one host sync: is the loss / grad norm not finite, and was any rank asked to stop?
-    One max all-reduce over all ranks, so every rank takes the same branch. Its cost: the optimizer
-    step is queued only once backward and clipping are done."""
+def step_flags(loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool) -> torch.Tensor:
+    """[loss not finite, grad norm not finite, some rank asked to stop] as 0/1 floats, max-reduced
+    over all ranks so that every rank takes the same branch; left on the device."""
     flags = torch.stack([~loss.isfinite(), ~grad_norm.to(loss.device).isfinite(),
                          torch.full((), stop_requested, device=loss.device)]).float()  # torch.full: no host->device copy
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_loss, bad_grad_norm, stop = flags.tolist()
-    nonfinite = "loss" if bad_loss else "grad_norm" if bad_grad_norm else None
-    return nonfinite, bool(stop)
+    return flags
+
+
+def skips_on_device(optimizers) -> bool:
+    """Whether every optimizer honours found_inf (torch's fused Adam and AdamW do; foreach and
+    for-loop refuse it)."""
+    return all(isinstance(o, torch.optim.Adam | torch.optim.AdamW) and o.defaults.get("fused") for o in optimizers)
 
 
 @torch.no_grad()
@@ -197,7 +237,7 @@ def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, 
     validator = Validator(job_config, parallel_dims) if job_config.validation.enable else None
     records = []
     try:
-        with StopSignals() as signals, profilers(job_config, start) as profiler:
+        with StopSignals() as signals, profilers(job_config, start) as profiler, ScheduledGC(training.gc_freq) as collector:
             for step in range(start + 1, training.steps + 1):
                 seq_len, padded_len = row_length(training, step, parallel_dims)  # this step's stage of seq_len_schedule
                 loader.set_row_len(seq_len, padded_len)
@@ -212,6 +252,7 @@ def train(job_config: JobConfig, spec, model_args, parallel_dims: ParallelDims, 
                     records.append(log_step(metrics, step, result, lr_schedulers, global_batch * padded_len, parallel_dims, **extra))
                 checkpointer.save(step, last_step=step == training.steps, now=result.stop)
                 profiler.step()
+                collector.step(step)
                 if result.stop:
                     log(stop_line(signals.received, step, job_config))
                     break

@@ -256,6 +256,7 @@ VALUE_RULES = (
      f"between 1 and 2**24 = {MAX_SEQ_LEN} (RoPE positions are fp32, exact only up to 2**24)"),
     ("training.local_batch_size", _finite(1), "an integer >= 1"),
     ("training.global_batch_size", lambda v: v == -1 or v >= 1, "-1 (local_batch_size x dp) or an integer >= 1"),
+    ("training.gc_freq", _finite(1), "an integer >= 1 (steps between Python garbage collections)"),
     ("training.max_norm", _finite(0, low_open=True), "a finite number > 0 (gradient clipping)"),
     ("optimizer.name", lambda v: v in ("Adam", "AdamW"), '"AdamW" or "Adam"'),
     ("optimizer.lr", _finite(0), "a finite number >= 0"),
@@ -291,7 +292,7 @@ UNSUPPORTED = {
     "metrics": ("disable_color_printing", "save_for_all_ranks", "enable_wandb"),
     "model": ("tokenizer_path", "converters", "print_after_conversion"),  # model.hf_assets_path holds the tokenizer
     "optimizer": ("early_step_in_backward",),  # it would step before gradient clipping
-    "training": ("dtype", "mixed_precision_reduce", "gc_freq", "gc_debug", "dataloader"),
+    "training": ("dtype", "mixed_precision_reduce", "gc_debug", "dataloader"),
     "parallelism": ("enable_async_tensor_parallel", "pipeline_parallel_degree", "module_fqns_per_model_part",
                     "pipeline_parallel_first_stage_less_layers", "pipeline_parallel_last_stage_less_layers",
                     "pipeline_parallel_layers_per_stage", "pipeline_parallel_schedule", "pipeline_parallel_schedule_csv",

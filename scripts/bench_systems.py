@@ -206,15 +206,19 @@ def sync(device) -> None:
 
 
 def time_steps(system, seq: int, vocab: int, device, first_step: int, n: int) -> tuple[list[float], list[float]]:
-    """(seconds, loss) of n steps, each on a new batch, each ending in a host sync."""
+    """(seconds, loss) of n steps, each on a new batch, each ending in a host sync. Every system
+    runs with Python's garbage collection scheduled as train.py and torchtitan's trainer do (every
+    50 steps, not at an arbitrary step)."""
     times, losses = [], []
-    for step in range(first_step, first_step + n):
-        batch = random_batch(seq, vocab, device, step)
-        sync(device)
-        start = time.perf_counter()
-        losses.append(system.step(*batch))
-        sync(device)
-        times.append(time.perf_counter() - start)
+    with train.ScheduledGC(50) as collector:
+        for step in range(first_step, first_step + n):
+            batch = random_batch(seq, vocab, device, step)
+            sync(device)
+            start = time.perf_counter()
+            losses.append(system.step(*batch))
+            sync(device)
+            times.append(time.perf_counter() - start)
+            collector.step(step + 1)
     return times, losses
 
 

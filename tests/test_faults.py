@@ -108,13 +108,34 @@ def train_with_nan(argv: list[str], nan_steps: set[int]):
     return records, recipe.weights_seen
 
 
-def test_nonfinite_step_is_skipped_within_budget(tmp_path):
-    records, seen = train_with_nan(args(tmp_path, "--training.skip_nonfinite_steps", "1"), {2})
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])  # fused: skipped on the device (found_inf)
+def test_nonfinite_step_is_skipped_within_budget(tmp_path, implementation):
+    records, seen = train_with_nan(args(tmp_path, "--training.skip_nonfinite_steps", "1", "--optimizer.implementation",
+                                        implementation, "--checkpoint.enable", "--checkpoint.interval", "3"), {2})
     assert [r["skipped_steps"] for r in records] == [0, 1, 1]
     assert math.isnan(records[1]["loss"]) and all(math.isfinite(records[i]["loss"]) for i in (0, 2))
     assert records[0]["lr"] == records[1]["lr"] < records[2]["lr"], "the LR schedule moved at the skipped step"
     assert not torch.equal(seen[1], seen[0]), "step 1 was applied"
     assert torch.equal(seen[2], seen[1]), "the NaN step 2 changed the weights"
+    saved = checkpoint_tensors(str(tmp_path / "checkpoint" / "step-3"), tmp_path)
+    steps = {v.item() for k, v in saved.items() if k.startswith("optimizer.") and k.endswith(".step")}
+    assert steps == {2.0}, f"AdamW's step counts {steps} after 2 applied steps of 3"
+    assert all(v.isfinite().all() for k, v in saved.items() if v.is_floating_point()), "a NaN reached the saved state"
+
+
+def test_garbage_is_collected_every_gc_freq_steps_only(tmp_path, monkeypatch):
+    collected, enabled_in_loop = [], []
+    real_collect = train.gc.collect
+
+    def collect(generation=2):
+        collected.append(generation)
+        enabled_in_loop.append(train.gc.isenabled())
+        return real_collect(generation)
+
+    monkeypatch.setattr(train.gc, "collect", collect)
+    train_with_nan(args(tmp_path, "--training.gc_freq", "2", steps=5), set())
+    assert collected == [1, 1, 1], "one young collection on entry, then at steps 2 and 4"
+    assert not any(enabled_in_loop) and train.gc.isenabled(), "automatic collection is off in the loop only"
 
 
 def test_nonfinite_step_stops_the_run_and_is_not_saved(tmp_path):

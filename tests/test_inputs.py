@@ -108,7 +108,7 @@ BAD_VALUES = {
     "training.max_norm": float("nan"), "optimizer.lr": float("inf"), "optimizer.beta2": 1.0, "optimizer.name": "SGD",
     "lr_scheduler.warmup_steps": -1, "lr_scheduler.decay_ratio": 1.5, "checkpoint.interval": 0, "checkpoint.keep_latest_k": 1,
     "checkpoint.export_max_shard_gb": 0.0, "metrics.log_freq": 0, "recipe.loss_chunk_size": 0, "recipe.clip_eps": -0.1,
-    "job.dump_folder": os.path.join(ROOT, "README.md"),
+    "training.gc_freq": 0, "job.dump_folder": os.path.join(ROOT, "README.md"),
 }
 
 
@@ -131,7 +131,7 @@ def test_defaults_and_shipped_configs_pass_every_check():
 # One key of each section of UNSUPPORTED, set to a value other than its default.
 UNSUPPORTED_VALUES = {
     "job.print_config": True, "metrics.enable_wandb": True, "model.tokenizer_path": "tok", "optimizer.early_step_in_backward": True,
-    "training.gc_freq": 3, "parallelism.context_parallel_rotate_method": "alltoall", "checkpoint.create_seed_checkpoint": True,
+    "training.gc_debug": True, "parallelism.context_parallel_rotate_method": "alltoall", "checkpoint.create_seed_checkpoint": True,
     "activation_checkpoint.memory_budget": 0.3, "compile.components": ["model"], "comm.train_timeout_seconds": 5,
     "debug.moe_force_load_balance": True, "quantize.linear.float8.emulate": True, "memory_estimation.enable": True,
     "fault_tolerance.enable": True, "experimental.custom_import": "module",
