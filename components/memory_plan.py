@@ -94,17 +94,20 @@ def saved_per_token(a: DecoderArgs, layout: Layout) -> tuple[float, float]:
 
 
 def attention_backward_per_token(a: DecoderArgs, layout: Layout) -> float:
-    """Bytes per local token the attention kernel's backward adds while it runs: the gradient of
-    its output coming in, dq, dk and dv going out, and the fp32 dq accumulator that the
-    flash-style kernels (cuDNN, flash, flex) keep for the whole call. Under cp each rank attends
-    for as many (token, head) query pairs as it holds tokens x local heads (Ulysses trades
-    tokens for heads), against the K/V of its shard's whole row: the kv heads it received, for
-    cp times its local tokens."""
+    """Bytes per local token the attention kernel's backward adds while it runs, as measured for
+    cuDNN (`scripts/probe_attention.py --memory`): the gradient of its output coming in, dq, dk
+    and dv going out, the fp32 dq accumulator, one fp32 statistic per query head and, with fewer
+    kv heads than query heads, dk and dv expanded to every query head before each group's sum.
+    Under cp each rank attends for as many (token, head) query pairs as it holds tokens x local
+    heads (Ulysses trades tokens for heads), against the K/V of its shard's whole row: the kv
+    heads it received, for cp times its local tokens."""
     b, ulysses = layout.act_bytes, layout.cp // layout.cp_shard
-    qd = a.n_heads // layout.tp * a.head_dim
+    heads = a.n_heads // layout.tp
+    qd = heads * a.head_dim
     kv_heads = kv_heads_to_send(a.n_kv_heads // layout.tp, ulysses) // ulysses
     kvd = layout.cp * kv_heads * a.head_dim
-    return qd * (2 * b + 4) + 2 * kvd * b
+    expanded = 2 * layout.cp * (heads // ulysses) * a.head_dim * b if kv_heads < heads // ulysses else 0
+    return qd * (2 * b + 4) + 4 * heads + 2 * kvd * b + expanded
 
 
 def plan_memory(a: DecoderArgs, layout: Layout) -> tuple[dict[str, int], dict[str, int]]:

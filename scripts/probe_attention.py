@@ -2,7 +2,7 @@
 or with --memory T [T ...] the memory each kernel's backward adds at those lengths.
 
     python scripts/probe_attention.py
-    python scripts/probe_attention.py --memory 262144 524288 1048576
+    python scripts/probe_attention.py --memory 262144 524288 1048576 [--heads 32 8]
 
 What models/common/attention.py's kernel order (SDPA_BACKENDS) rests on; docs/performance.md
 holds the last measurement.
@@ -57,25 +57,26 @@ def probe_attention(device):
                 del q, k, v
                 free()
 
-def probe_backward_memory(device, seqs: list[int]):
+def probe_backward_memory(device, seqs: list[int], heads: int, kv_heads: int):
     """Bytes per token that each kernel's backward adds above q, k, v, the output and its
-    statistics: what components/memory_plan.py's attention_backward_per_token models (dout, dq,
-    dk, dv, the fp32 dq accumulator; 20,480 bytes for these shapes)."""
+    statistics: what components/memory_plan.py's attention_backward_per_token models."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    print(f"SDPA causal GQA backward memory, bf16, H=16 KV=8 D=128 | {torch.cuda.get_device_name()} | torch {torch.__version__}")
+    print(f"SDPA causal backward memory, bf16, H={heads} KV={kv_heads} D=128 | {torch.cuda.get_device_name()} | "
+          f"torch {torch.__version__}")
     print(f"{'kernel':<22}{'T':>9}{'fwd B/token':>13}{'bwd B/token':>13}")
     for seq in seqs:
         for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
             try:
-                q = torch.randn(1, 16, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
-                k, v = (torch.randn(1, 8, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+                q = torch.randn(1, heads, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+                k, v = (torch.randn(1, kv_heads, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
                         for _ in range(2))
                 free()
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
                 with sdpa_kernel([backend]):
-                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                         enable_gqa=kv_heads != heads)
                 sync(device)
                 fwd = torch.cuda.max_memory_allocated(device) - before
                 held = torch.cuda.memory_allocated(device)  # inputs, output, statistics
@@ -93,8 +94,9 @@ def probe_backward_memory(device, seqs: list[int]):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--memory", type=int, nargs="+", metavar="T", help="measure backward memory at these lengths instead")
+    p.add_argument("--heads", type=int, nargs=2, default=(16, 8), metavar=("Q", "KV"), help="with --memory")
     args = p.parse_args()
     if args.memory:
-        probe_backward_memory(torch.device("cuda"), args.memory)
+        probe_backward_memory(torch.device("cuda"), args.memory, *args.heads)
     else:
         probe_attention(torch.device("cuda"))

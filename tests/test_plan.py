@@ -105,23 +105,35 @@ def test_end_of_backward_holds_every_gradient():
 
 
 def test_block_backward_peaks_in_its_larger_phase():
-    # 0.6B: 16 query heads and 8 kv heads of 128. The attention kernel's backward adds dout, dq
-    # (2048 bf16 each), dk, dv (1024 each) and the fp32 dq accumulator (2048 x 4 bytes) per token.
+    # cuDNN's backward per token, measured (scripts/probe_attention.py --memory, one H100, torch
+    # 2.11, the same at 131K, 262K, 524K and 1M): 28,736 bytes for 16 query / 8 kv heads of 128,
+    # 53,376 for 32 / 8, 24,640 for 16 / 16. That is dout and dq (bf16), dk and dv, the fp32 dq
+    # accumulator, 4 bytes per query head and, under GQA, dk and dv expanded to the query heads.
     a = QWEN3_06B
-    assert attention_backward_per_token(a, Layout(seq_len=1)) == 2048 * 2 * 2 + 2 * 1024 * 2 + 2048 * 4
+    assert attention_backward_per_token(a, Layout(seq_len=1)) == 28736 == (
+        2048 * 2 * 2 + 2 * 1024 * 2 + 2048 * 4 + 16 * 4 + 2 * 2048 * 2)
+    assert attention_backward_per_token(dataclasses.replace(a, n_heads=32), Layout(seq_len=1)) == 53376
+    assert attention_backward_per_token(dataclasses.replace(a, n_kv_heads=16), Layout(seq_len=1)) == 24640
     # Ulysses 2 splits the 8 kv heads for twice the tokens; a sequence shard of 2 holds the whole
-    # row's K/V; Ulysses 16 replicates them (one kv head per rank, for 16x the tokens).
-    assert attention_backward_per_token(a, Layout(seq_len=1, cp=2)) == 20480
-    assert attention_backward_per_token(a, Layout(seq_len=1, cp=2, cp_shard=2)) == 20480 + 2 * 1024 * 2
-    assert attention_backward_per_token(a, Layout(seq_len=1, cp=16)) == 2048 * 8 + 2 * 16 * 128 * 2
+    # row's K/V (and expands it for its 16 query heads); Ulysses 16 replicates them (one kv head
+    # per rank for its one query head, for 16x the tokens: nothing to expand).
+    assert attention_backward_per_token(a, Layout(seq_len=1, cp=2)) == 28736
+    assert attention_backward_per_token(a, Layout(seq_len=1, cp=2, cp_shard=2)) == 28736 + 2 * 1024 * 2 + 2 * 2048 * 2
+    assert attention_backward_per_token(a, Layout(seq_len=1, cp=16)) == 2048 * 8 + 16 * 4 + 2 * 16 * 128 * 2
 
     seq = 262144
+    # 1.7B, whole MLP: its recomputed [T, hidden] values (4 x 6144 bf16 per token, 49,152 bytes)
+    # outweigh the attention phase (28,736: the same heads as 0.6B).
+    big = qwen3_flavors["1.7B"]
+    attention_saved, mlp_saved = saved_per_token(big, Layout(seq_len=seq))
+    whole = plan_memory(big, Layout(seq_len=seq, ac="full"))[0]["one block's backward"]
+    assert mlp_saved == 4 * 6144 and whole == int(seq * (attention_saved + mlp_saved) * 2 + seq * 3 * big.dim * 2)
+    # 0.6B: even its whole MLP (4 x 3072 bf16 per token) is smaller than the attention phase, and
+    # tiled its values are smaller still: the attention kernel's phase sets the block's peak.
     in_flight = seq * 3 * a.dim * 2
-    attention_saved, mlp_saved = saved_per_token(a, Layout(seq_len=seq))
-    # Whole MLP: its recomputed [T, hidden] values (4 x 3072 per token) outweigh the attention phase.
-    whole = plan_memory(a, Layout(seq_len=seq, ac="full"))[0]["one block's backward"]
-    assert mlp_saved == 4 * 3072 and whole == int(seq * (attention_saved + mlp_saved) * 2 + in_flight)
-    # Tiled: a tile's values are small, so the attention kernel's phase sets the block's peak.
+    attention_saved = saved_per_token(a, Layout(seq_len=seq))[0]
+    attention_phase = int(seq * attention_saved * 2 + in_flight + seq * 28736)
+    assert plan_memory(a, Layout(seq_len=seq, ac="full"))[0]["one block's backward"] == attention_phase
     tiled = plan_memory(a, Layout(seq_len=seq, ac="full", mlp_chunk=16384))[0]["one block's backward"]
     assert saved_per_token(a, Layout(seq_len=seq, mlp_chunk=16384))[1] == 0
-    assert tiled == int(seq * attention_saved * 2 + in_flight + seq * attention_backward_per_token(a, Layout(seq_len=seq)))
+    assert tiled == attention_phase
