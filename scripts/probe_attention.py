@@ -57,6 +57,7 @@ def probe_attention(device):
                 del q, k, v
                 free()
 
+
 def probe_backward_memory(device, seqs: list[int], heads: int, kv_heads: int):
     """Bytes per token that each kernel's backward adds above q, k, v, the output and its
     statistics: what components/memory_plan.py's attention_backward_per_token models."""
