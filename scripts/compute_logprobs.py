@@ -20,26 +20,25 @@ scalars cross ranks.
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-
-from components import build  # noqa: E402
-from components.checkpoint import weight_source  # noqa: E402
-from components.config import ConfigError, parse_config  # noqa: E402
-from models.common.loss import IGNORE_INDEX  # noqa: E402
-from parallelisms.context_parallel import unshard_row  # noqa: E402
-from recipes.data import collate, load_documents, pack_greedy, pack_row  # noqa: E402
-from recipes.policy import EXTRA_FIELDS  # noqa: E402
+from longctx.base import IGNORE_INDEX, ConfigError, log
+from longctx.checkpoint.source import weight_source
+from longctx.config import parse_config
+from longctx.data.documents import load_documents
+from longctx.data.packing import collate, pack_greedy, pack_row
+from longctx.launch import distributed, run_command, validate
+from longctx.modeling import build_model, hf_folder_args, step_context
+from longctx.parallelisms.context_parallel import unshard_row
+from longctx.recipes.policy import EXTRA_FIELDS
 
 
 def config_args(model_dir: str | None, input_path: str, overrides: list[str]) -> list[str]:
     """Job-config arguments: the policy recipe on the input, the HF model folder if given, then overrides."""
     args = ["--recipe.name", "policy", "--training.dataset_path", input_path, "--training.dataset", "json"]
-    return args + (build.hf_folder_args(model_dir) if model_dir else []) + overrides
+    return args + (hf_folder_args(model_dir) if model_dir else []) + overrides
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -58,8 +57,8 @@ def check_output(path: str) -> None:
 def score_row(model, recipe, row: dict, parallel_dims, job_config, device) -> torch.Tensor:
     """log p(label) over the whole row [T]: each cp rank scores its tokens, then they are gathered
     and put back in token order (cp ranks hold head-tail chunks when the sequence is sharded)."""
-    batch = build.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()}, parallel_dims)
-    with build.loss_context(parallel_dims, job_config):
+    batch = parallel_dims.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()})
+    with step_context(parallel_dims, job_config):
         local = recipe.token_logprobs(model, batch)[0]  # [T/cp]
     if parallel_dims.cp == 1:
         return local
@@ -68,13 +67,14 @@ def score_row(model, recipe, row: dict, parallel_dims, job_config, device) -> to
     return unshard_row(chunks, parallel_dims.cp_shard)
 
 
-def compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts: list[dict], device) -> dict[int, list[float]]:
+def compute_logprobs(job_config, job, rollouts: list[dict], device) -> dict[int, list[float]]:
     """{rollout index: response log-probs} for the rows of this rank's dp group (a process group must exist)."""
+    spec, model_args, parallel_dims, recipe = job.spec, job.model_args, job.parallel_dims, job.recipe
     # The run's own step (checkpoint.enable) is read like any model-only checkpoint: no optimizer.
-    model = build.build_model(spec, model_args, parallel_dims, job_config, device, weight_source(job_config).model_only())
+    model = build_model(spec, model_args, parallel_dims, job_config, device, weight_source(job_config).model_only())
     segments = [recipe.encode(rollout) for rollout in rollouts]
     row_len = max([job_config.training.seq_len] + [len(s[0]) for s in segments])
-    padded_len = build.padded_seq_len(row_len, parallel_dims)
+    padded_len = parallel_dims.padded_len(row_len)
     rows = pack_greedy([len(s[0]) for s in segments], row_len)  # whole rollouts, in file order
     dp, dp_rank = parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank()
     results = {}
@@ -101,11 +101,10 @@ def main(argv: list[str]) -> None:
         raise ConfigError("give --model-dir HF_DIR, or --job.config_file CONFIG with the checkpoint to score")
     check_output(args.output)
     job_config = parse_config(config_args(args.model_dir, args.input, overrides))
-    spec, model_args, parallel_dims, recipe = build.validate(job_config)
+    job = validate(job_config)
     rollouts = read_jsonl(args.input)
-    device = build.init_distributed(job_config)
-    try:
-        results = compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts, device)
+    with distributed(job_config) as device:
+        results = compute_logprobs(job_config, job, rollouts, device)
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(results, gathered, dst=0)
         if dist.get_rank() == 0:
@@ -113,10 +112,8 @@ def main(argv: list[str]) -> None:
             with open(args.output, "w") as f:
                 for i, rollout in enumerate(rollouts):
                     f.write(json.dumps({**rollout, "response_logprobs": merged[i]}) + "\n")
-            build.log(f"wrote {len(rollouts)} rollouts with response_logprobs to {args.output}")
-    finally:
-        dist.destroy_process_group()
+            log(f"wrote {len(rollouts)} rollouts with response_logprobs to {args.output}")
 
 
 if __name__ == "__main__":
-    build.run_command(main, sys.argv[1:])
+    run_command(main)

@@ -12,34 +12,27 @@ The dtype defaults to checkpoint.export_dtype; file size is bounded by checkpoin
 """
 
 import argparse
-import os
-import sys
 
-import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-
-from components import build  # noqa: E402
-from components.checkpoint import WeightSource, resolve_dcp_path  # noqa: E402
-from components.config import parse_config  # noqa: E402
-from components.files import refuse_existing  # noqa: E402
-from components.hf import export_hf  # noqa: E402
-from scripts.convert_hf_to_dcp import build_single_layout_model  # noqa: E402
+from longctx.base import log
+from longctx.checkpoint.dcp import resolve_dcp_path
+from longctx.checkpoint.files import refuse_existing
+from longctx.checkpoint.hf import export_hf
+from longctx.checkpoint.source import WeightSource
+from longctx.config import parse_config
+from longctx.launch import distributed, run_command
+from longctx.modeling import build_single_layout_model
 
 
 def convert(dcp_dir: str, hf_dir: str, config_args: list[str], dtype: str | None) -> None:
     refuse_existing(hf_dir)
     job_config = parse_config(config_args)
     source = WeightSource("dcp", resolve_dcp_path(dcp_dir), " (converting to Hugging Face)")
-    try:
-        spec, model_args, model = build_single_layout_model(job_config, source)
+    with distributed(job_config) as device:
+        spec, model_args, model = build_single_layout_model(job_config, device, source)
         ckpt = job_config.checkpoint
         export_hf(model, spec, model_args, hf_dir, dtype or ckpt.export_dtype, job_config.model.hf_assets_path,
                   ckpt.export_max_shard_gb)
-        build.log(f"wrote {hf_dir}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        log(f"wrote {hf_dir}")
 
 
 def main(argv: list[str]) -> None:
@@ -55,4 +48,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    build.run_command(main, sys.argv[1:])
+    run_command(main)

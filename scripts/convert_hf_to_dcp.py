@@ -13,41 +13,22 @@ Under torchrun each rank reads and writes only its FSDP shard.
 """
 
 import argparse
-import os
-import sys
 
-import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-
-from components import build  # noqa: E402
-from components.checkpoint import save_dcp_model  # noqa: E402
-from components.config import parse_config  # noqa: E402
-from components.files import refuse_existing  # noqa: E402
-from parallelisms.parallel_dims import ParallelDims  # noqa: E402
-
-
-def build_single_layout_model(job_config, source=None):
-    """The job's model, FSDP-sharded over however many ranks run this (no TP/CP, no compile:
-    parameter names are the same under every layout), filled from `source` (default: the job
-    config's) by components.build.build_model."""
-    spec, model_args = build.model_spec_and_args(job_config)
-    job_config.compile.enable, job_config.activation_checkpoint.mode = False, "none"
-    device = build.init_distributed(job_config)
-    parallel_dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, world_size=dist.get_world_size())
-    return spec, model_args, build.build_model(spec, model_args, parallel_dims, job_config, device, source)
+from longctx.base import log
+from longctx.checkpoint.dcp import save_dcp_model
+from longctx.checkpoint.files import refuse_existing
+from longctx.config import parse_config
+from longctx.launch import distributed, run_command
+from longctx.modeling import build_single_layout_model, hf_folder_args
 
 
 def convert(hf_dir: str, dcp_dir: str) -> None:
     refuse_existing(dcp_dir)
-    job_config = parse_config(build.hf_folder_args(hf_dir))  # weights loaded and checked from HF_DIR
-    try:
-        _, _, model = build_single_layout_model(job_config)
+    job_config = parse_config(hf_folder_args(hf_dir))  # weights loaded and checked from HF_DIR
+    with distributed(job_config) as device:
+        _, _, model = build_single_layout_model(job_config, device)
         save_dcp_model(model, dcp_dir, assets_from=hf_dir)
-        build.log(f"wrote {dcp_dir}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        log(f"wrote {dcp_dir}")
 
 
 def main(argv: list[str]) -> None:
@@ -59,4 +40,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    build.run_command(main, sys.argv[1:])
+    run_command(main)

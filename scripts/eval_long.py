@@ -24,19 +24,17 @@ import argparse
 import json
 import os
 import random
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-
-from components import build  # noqa: E402
-from components.checkpoint import weight_source  # noqa: E402
-from components.config import ConfigError, parse_config  # noqa: E402
-from models.common.loss import IGNORE_INDEX  # noqa: E402
-from recipes.data import collate, pack_row  # noqa: E402
+from longctx.base import IGNORE_INDEX, ConfigError
+from longctx.checkpoint.source import weight_source
+from longctx.config import parse_config
+from longctx.data.packing import collate, pack_row
+from longctx.launch import distributed, run_command, validate
+from longctx.modeling import build_model, hf_folder_args
 
 INTRO = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there."
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -100,8 +98,8 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], parallel_dims, pa
     for first in range(0, len(rows), dp):
         index = first + dp_rank
         tokens, labels = rows[index] if index < len(rows) else ([pad_id], [IGNORE_INDEX])
-        row = pack_row([(tokens, labels)], build.padded_seq_len(len(tokens), parallel_dims), pad_id)
-        batch = build.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()}, parallel_dims)
+        row = pack_row([(tokens, labels)], parallel_dims.padded_len(len(tokens)), pad_id)
+        batch = parallel_dims.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()})
         head = lambda h, output: token_scores(h, output, batch["labels"], chunk_size)  # noqa: E731
         # No document mask: a row is one document with padding only at its end, so plain causal
         # attention is exact for every real token (and runs the fast SDPA kernels, nothing to compile).
@@ -167,12 +165,13 @@ def save_heat_map(path: str, accuracy: dict, lengths: list[int], depths: list[fl
     return f"wrote {path}"
 
 
-def evaluate(job_config, spec, model_args, parallel_dims, recipe, args, device) -> dict | None:
+def evaluate(job_config, job, args, device) -> dict | None:
     """Both evaluations; the results on rank 0, None elsewhere (a process group must exist)."""
+    spec, model_args, parallel_dims, recipe = job.spec, job.model_args, job.parallel_dims, job.recipe
     if parallel_dims.tp > 1:
         raise ConfigError("eval_long.py runs dp and cp layouts; use parallelism.context_parallel_degree to split long rows")
     # With checkpoint.enable, the run's own latest (or load_step) checkpoint, weights only.
-    model = build.build_model(spec, model_args, parallel_dims, job_config, device, weight_source(job_config).model_only()).eval()
+    model = build_model(spec, model_args, parallel_dims, job_config, device, weight_source(job_config).model_only()).eval()
     rows = corpus_rows(recipe, args.length, args.rows)
     rng = random.Random(args.seed)
     cells = [(n, d, rng.randrange(10000, 100000)) for n in args.passkey_lengths for d in args.depths for _ in range(args.trials)]
@@ -211,17 +210,16 @@ def parse_args(argv: list[str]):
     if not all(0 <= d <= 1 for d in args.depths):
         raise ConfigError(f"--depths {args.depths} must lie in [0, 1] (0: the key right after the intro, 1: right before the question)")
     # Forward only: compiling every distinct row length would cost more than it saves.
-    config_args = (build.hf_folder_args(args.model_dir) if args.model_dir else []) + ["--compile.no-enable"] + overrides
+    config_args = (hf_folder_args(args.model_dir) if args.model_dir else []) + ["--compile.no-enable"] + overrides
     config_args += ["--recipe.name", "pretrain"] + (["--training.dataset_path", args.corpus] if args.corpus else [])
     return args, parse_config(config_args)
 
 
 def main(argv: list[str]) -> None:
     args, job_config = parse_args(argv)
-    spec, model_args, parallel_dims, recipe = build.validate(job_config)
-    device = build.init_distributed(job_config)
-    try:
-        results = evaluate(job_config, spec, model_args, parallel_dims, recipe, args, device)
+    job = validate(job_config)
+    with distributed(job_config) as device:
+        results = evaluate(job_config, job, args, device)
         if results is not None:
             out_dir = args.out_dir or os.path.join(job_config.job.dump_folder, "eval_long")
             os.makedirs(out_dir, exist_ok=True)
@@ -230,9 +228,7 @@ def main(argv: list[str]) -> None:
             accuracy = {(p["length"], p["depth"]): p["accuracy"] for p in results["passkey"]}
             print(report(results["buckets"], accuracy, args.passkey_lengths, args.depths), flush=True)
             print(save_heat_map(os.path.join(out_dir, "passkey.png"), accuracy, args.passkey_lengths, args.depths), flush=True)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    build.run_command(main, sys.argv[1:])
+    run_command(main)

@@ -11,15 +11,13 @@ planned-vs-measured table of docs/performance.md (scripts/bench_memory.py measur
 
 import argparse
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from components.build import model_spec_and_args, run_command  # noqa: E402
-from components.config import ConfigError, parse_config  # noqa: E402
-from components.memory_plan import GIB, largest_term, layout_from_config, longest_seq, plan_memory  # noqa: E402
-from parallelisms.parallel_dims import ParallelDims  # noqa: E402
+from longctx.base import ConfigError
+from longctx.config import parse_config
+from longctx.launch import run_command
+from longctx.modeling import model_spec_and_args
+from longctx.parallelisms.parallel_dims import ParallelDims
+from longctx.planner.memory import GIB, largest_term, layout_from_config, longest_seq, plan_memory
 
 
 def parse_args(argv: list[str]):
@@ -79,4 +77,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_command(main, sys.argv[1:])
+    run_command(main)

@@ -15,5 +15,5 @@ CONFIG_FILE=${CONFIG_FILE:-train_configs/debug.toml}
 
 # --standalone: a local rendezvous on a free port, so several jobs can share a machine.
 # torchrun sets OMP_NUM_THREADS=1 per process unless it is already set.
-PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" exec torchrun --standalone --nproc_per_node "$NGPU" \
+exec torchrun --standalone --nproc_per_node "$NGPU" \
     train.py --job.config_file "$CONFIG_FILE" "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what this repo needs and is missing, into the current Python (a venv or the system one).
-#   bash scripts/setup.sh          # what train.py needs (pyproject.toml [project] dependencies)
+#   bash scripts/setup.sh          # what train.py needs (pyproject.toml [project] dependencies) and longctx itself
 #   bash scripts/setup.sh --test   # and what the tests need ([project.optional-dependencies] test)
 # Already-satisfied packages are left alone: an installed torch >= 2.11 (and its pinned triton)
 # stays; a Python without torch gets torch==2.13.0.
@@ -34,4 +34,6 @@ for group in sys.argv[1].split():
 EOF
 )
 "$PYTHON" -m pip install --quiet "${requirements[@]}"
-"$PYTHON" -c "import torch, torchtitan; print(f'torch {torch.__version__} and torchtitan {torchtitan.__version__} ready')"
+# The package itself, editable: `import longctx` works from any folder and follows this checkout.
+"$PYTHON" -m pip install --quiet --no-deps --editable .
+"$PYTHON" -c "import torch, torchtitan, longctx; print(f'torch {torch.__version__}, torchtitan {torchtitan.__version__} and longctx ready')"

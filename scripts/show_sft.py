@@ -13,14 +13,12 @@ No model is built and no process group started.
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-
-from components import build  # noqa: E402
-from components.config import ConfigError, parse_config  # noqa: E402
-from recipes.sft import SFTRecipe  # noqa: E402
+from longctx.base import ConfigError
+from longctx.config import parse_config
+from longctx.launch import run_command
+from longctx.recipes.sft import SFTRecipe
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 
@@ -48,16 +46,18 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"recipe.name = {job_config.recipe.name!r}; show_sft.py shows an SFT config's data")
     recipe = SFTRecipe(job_config)
     n = len(recipe.documents) if args.limit is None else min(args.limit, len(recipe.documents))
-    color = sys.stdout.isatty()
+    color, seq_len, cut = sys.stdout.isatty(), job_config.training.seq_len, 0
     with open(args.output, "w") as f:
         for index in range(n):
             ids, trained = recipe.located(index, recipe.tokens_and_trained)
+            cut += len(ids) > seq_len  # as training cuts a conversation to its row
+            ids, trained = ids[:seq_len], trained[:seq_len]
             f.write(json.dumps({"input_ids": ids, "trained": [int(t) for t in trained]}) + "\n")
             if index < args.n_print:
                 print(f"--- record {index}: {len(ids)} tokens, {sum(trained)} trained")
                 print(highlight(recipe.tokenizer.tokenizer, ids, trained, color))
-    print(f"wrote {n} records to {args.output}; {recipe.truncated} cut to training.seq_len={job_config.training.seq_len}")
+    print(f"wrote {n} records to {args.output}; {cut} cut to training.seq_len={seq_len}")
 
 
 if __name__ == "__main__":
-    build.run_command(main, sys.argv[1:])
+    run_command(main)

@@ -1,16 +1,13 @@
-"""Shared test setup: the repo root on sys.path, tiny random Hugging Face Qwen models on disk,
-and the relative-error assertion every parity test uses."""
+"""Shared test setup: tiny random Hugging Face Qwen models on disk, and the relative-error assertion
+every parity test uses."""
 
 import os
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # the repo runs from its root; it is not an installed package
 
 # Small vocab (odd on purpose: no accidental divisibility), 2 layers: enough to catch a wrong
 # mapping between layers, fast enough to build dozens of models.

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from components.build import free_port
+from longctx.launch import free_port
 
 TIMEOUT = timedelta(seconds=90)
 

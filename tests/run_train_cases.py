@@ -1,5 +1,6 @@
-"""Run train.py's real `__main__` block once per argument list, in this one process, recording the
-exit code and everything written to stderr (file descriptor 2, so C-level writes count too).
+"""Run train.py's command (launch.run(train.main, args): what its `__main__` does, short of leaving the
+process) once per argument list, in this one process, recording the exit code and everything
+written to stderr (file descriptor 2, so C-level writes count too).
 
     python tests/run_train_cases.py CASES.json RESULTS.json
 
@@ -8,10 +9,11 @@ CASES.json: {"name": ["--job.config_file", ...], ...}. Importing torch and torch
 
 import json
 import os
-import runpy
 import sys
 import tempfile
-import traceback
+
+from longctx.launch import run
+from longctx.train import main as train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,14 +24,8 @@ def run_case(args: list[str]) -> dict:
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
-        code = 0
         try:
-            runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        except BaseException:  # what a real process would die of: a traceback and exit code 1
-            traceback.print_exc()
-            code = 1
+            code = run(train_main, args)
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
@@ -48,7 +44,6 @@ def _destroy_process_group() -> None:
 
 def main(cases_path: str, results_path: str) -> None:
     os.chdir(ROOT)
-    sys.path.insert(0, ROOT)
     with open(cases_path) as f:
         cases = json.load(f)
     results = {name: run_case(args) for name, args in cases.items()}

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.common.decoder import Decoder
-from models.qwen3 import QWEN3_FLAGS
-from parallelisms.activation_checkpoint import apply_ac
+from longctx.models.common.decoder import Decoder
+from longctx.models.qwen3 import QWEN3_FLAGS
+from longctx.parallelisms.activation_checkpoint import apply_ac
 from tests.conftest import assert_rel_close, randomize_parameters
 from tests.test_models import grads, pack, sum_ce, tiny_args
 

@@ -9,19 +9,18 @@
   way a sampler sees it; refusals name the file and line; truncation is counted.
 """
 
-import contextlib
-import io
 import json
 import os
 import shutil
 
 import pytest
 
-from components.config import ConfigError, parse_config
-from models.common.loss import IGNORE_INDEX
-from recipes import build_recipe
-from recipes.data import DataError, HFTokenizer
-from recipes.chat import ChatTemplate
+from longctx.base import IGNORE_INDEX, ConfigError, DataError
+from longctx.config import parse_config
+from longctx.data.chat import ChatTemplate
+from longctx.data.loader import RowLength
+from longctx.data.tokenizer import HFTokenizer
+from longctx.recipes import build_recipe
 from scripts import show_sft
 from tests.conftest import ROOT
 
@@ -182,10 +181,9 @@ def test_refusals_name_file_and_line(record, message, tmp_path, qwen25_assets):
     path.write_text(path.read_text() + json.dumps({"messages": PLAIN}) + "\n\n" + json.dumps(record) + "\n")
     recipe = build_recipe(parse_config(["--job.config_file", "train_configs/debug_sft.toml", "--training.dataset_path", str(path),
                                         "--model.hf_assets_path", qwen25_assets]))
-    stream = recipe.build_stream(256)
+    stream = recipe.build_stream()
     with pytest.raises(DataError) as info:
-        for _ in range(3):
-            stream.next_row()
+        stream.next_rows(3, [], RowLength(256, 256))
     assert str(info.value).startswith(f"{path}:4: ") and message in str(info.value), str(info.value)
 
 
@@ -193,15 +191,13 @@ def test_truncation_is_counted_and_nothing_to_learn_refused(tmp_path, capsys):
     long = {"messages": [PLAIN[0], {"role": "user", "content": "count : " + " ".join(map(str, range(200)))}, PLAIN[2]]}
     path = write_records(tmp_path / "sft.jsonl", [{"messages": PLAIN}, long])
     args = ["--job.config_file", "train_configs/debug_sft.toml", "--training.dataset_path", path]
-    stream = build_recipe(parse_config(args + ["--training.seq_len", "128"])).build_stream(128)
+    stream = build_recipe(parse_config(args)).build_stream()
     capsys.readouterr()
-    for _ in range(2):  # one pass: the long record closes it, carried into the second row
-        stream.next_row()
-    assert capsys.readouterr().out.count("sft: 1 of 2 conversations were cut to training.seq_len=128") == 1
-    stream = build_recipe(parse_config(args + ["--training.seq_len", "16"])).build_stream(16)
-    with pytest.raises(DataError, match="no conversation has an assistant token within training.seq_len=16"):
-        for _ in range(3):
-            stream.next_row()
+    stream.next_rows(2, [], RowLength(128, 128))  # one pass: the long record closes it, carried into the second row
+    assert capsys.readouterr().out.count(f"sft: conversations of {path}: 1 of 2 were cut to rows of 128 tokens") == 1
+    stream = build_recipe(parse_config(args)).build_stream()
+    with pytest.raises(DataError, match="no document keeps a labelled token within rows of 16 tokens"):
+        stream.next_rows(3, [], RowLength(16, 16))
 
 
 def test_show_sft_writes_what_the_recipe_trains(tmp_path, capsys):

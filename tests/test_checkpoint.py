@@ -17,14 +17,16 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-import train
-from components.build import run_command
-from components.checkpoint import CheckpointError, latest_step, load_dcp_model, resolve_dcp_path, weight_source
-from components.config import parse_config
-from models import get_model_spec
-from models.common.decoder import Decoder
+from longctx import launch, train
+from longctx.checkpoint.dcp import CheckpointError, latest_step, load_dcp_model, resolve_dcp_path
+from longctx.checkpoint.source import weight_source
+from longctx.config import parse_config
+from longctx.launch import validate
+from longctx.models import get_model_spec
+from longctx.models.common.decoder import Decoder
 from scripts import compute_logprobs, convert_dcp_to_hf, convert_hf_to_dcp
 from tests.conftest import ROOT
 from tests.distributed_harness import run_on_ranks
@@ -103,9 +105,13 @@ def convert(script, argv: list[str]) -> None:
     process group; each call gets a fresh port."""
     _forget_process_group_env()
     try:
-        run_command(script.main, argv)
+        code = launch.run(script.main, argv)
     finally:
+        if dist.is_initialized():  # a refused command leaves its group to the process's exit
+            dist.destroy_process_group()
         _forget_process_group_env()
+    if code:
+        raise SystemExit(code)
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +227,8 @@ def reshard_runs(cases: list[list[str]]) -> list[dict[int, float]]:
     results = []
     for case in cases:
         job_config = parse_config(case)
-        spec, model_args, parallel_dims, recipe = train.validate(job_config)
-        _, records = train.train(job_config, spec, model_args, parallel_dims, recipe, torch.device("cpu"))
+        job = validate(job_config)
+        _, records = train.train(job_config, job, torch.device("cpu"))
         results.append({r["step"]: r["loss"] for r in records})
     return results
 

@@ -11,10 +11,10 @@ per-op checkpointing), and a deep shard (cp 8 = Ulysses 2 x shard 4), all on pac
 import pytest
 import torch
 
-from components.build import validate
-from components.config import parse_config
-from models.common.attention import build_attention_mask, chunked_attention
-from parallelisms.context_parallel import cp_token_order, shard_chunks, slice_for_cp, unshard_row
+from longctx.config import parse_config
+from longctx.launch import validate
+from longctx.models.common.attention import build_attention_mask, chunked_attention
+from longctx.parallelisms.context_parallel import cp_token_order, shard_chunks, slice_for_cp, unshard_row
 from tests.conftest import assert_rel_close
 from tests.distributed_harness import run_on_ranks
 from tests.test_parallel import assert_matches_reference, one_process_references, overrides, train_layouts

@@ -4,13 +4,13 @@ numbers against a direct computation with plain logits, and the same numbers und
 import contextlib
 import io
 import json
-import os
 
 import pytest
 import torch
 
-from components import build
-from models.common.loss import IGNORE_INDEX
+from longctx.base import IGNORE_INDEX
+from longctx.launch import validate
+from longctx.modeling import build_model
 from scripts import eval_long
 from tests.distributed_harness import run_on_ranks
 from tests.test_recipes import one_rank, rank_env
@@ -38,7 +38,7 @@ def test_bucket_edges():
 
 
 def test_passkey_row_hides_the_key_at_its_depth():
-    tokenizer = build.validate(eval_long.parse_args(ARGS)[1])[3].tokenizer
+    tokenizer = validate(eval_long.parse_args(ARGS)[1])[3].tokenizer
     needle = tokenizer.encode(eval_long.NEEDLE.format(key=12345))
     starts = []
     for depth in (0.0, 0.5, 1.0):
@@ -55,8 +55,8 @@ def test_numbers_equal_a_direct_computation(one_process):
     results, printed, out = one_process
     args, job_config = eval_long.parse_args(ARGS)
     with one_rank():
-        spec, model_args, parallel_dims, recipe = build.validate(job_config)
-        model = build.build_model(spec, model_args, parallel_dims, job_config, torch.device("cpu")).eval()
+        spec, model_args, parallel_dims, recipe = validate(job_config)
+        model = build_model(spec, model_args, parallel_dims, job_config, torch.device("cpu")).eval()
         rows = eval_long.corpus_rows(recipe, LENGTH, 2)
         with torch.no_grad():
             logprobs = torch.stack([model(torch.tensor([t])).log_softmax(-1)[0].gather(-1, torch.tensor(l)[:, None])[:, 0]
@@ -80,8 +80,8 @@ def layouts(out: str) -> dict:
     results = {}
     for name, layout in {"cp2": ["--parallelism.context_parallel_degree", "2"], "dp2": []}.items():
         args, job_config = eval_long.parse_args(ARGS + layout)
-        spec, model_args, parallel_dims, recipe = build.validate(job_config)
-        results[name] = eval_long.evaluate(job_config, spec, model_args, parallel_dims, recipe, args, torch.device("cpu"))
+        job = validate(job_config)
+        results[name] = eval_long.evaluate(job_config, job, args, torch.device("cpu"))
     return results
 
 

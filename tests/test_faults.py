@@ -31,17 +31,19 @@ import torchtitan.components.checkpoint
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-import train
-from components.build import model_spec_and_args
-from components import checkpoint
-from components.checkpoint import complete_steps, latest_step, save_dcp_model
-from components.config import ConfigError, parse_config
-from models.common.decoder import Decoder
+from longctx import train
+from longctx.base import ConfigError
+from longctx.checkpoint import manager as checkpoint
+from longctx.checkpoint.dcp import complete_steps, latest_step, save_dcp_model
+from longctx.config import parse_config
+from longctx.launch import validate
+from longctx.modeling import model_spec_and_args
+from longctx.models.common.decoder import Decoder
 from scripts import convert_dcp_to_hf
 from tests.conftest import ROOT
 from tests.distributed_harness import run_on_ranks
-from tests.test_checkpoint import convert
 from tests.run_train_cases import run_case
+from tests.test_checkpoint import convert
 from tests.test_recipes import one_rank, rank_env
 
 CONFIG = os.path.join(ROOT, "train_configs", "debug.toml")
@@ -101,10 +103,10 @@ class NaNLossAt:
 
 def train_with_nan(argv: list[str], nan_steps: set[int]):
     job_config = parse_config(argv)
-    spec, model_args, parallel_dims, recipe = train.validate(job_config)
-    recipe = NaNLossAt(recipe, nan_steps)
+    job = validate(job_config)
+    recipe = NaNLossAt(job.recipe, nan_steps)
     with one_rank():
-        _, records = train.train(job_config, spec, model_args, parallel_dims, recipe, torch.device("cpu"))
+        _, records = train.train(job_config, job._replace(recipe=recipe), torch.device("cpu"))
     return records, recipe.weights_seen
 
 
@@ -163,9 +165,9 @@ def test_async_with_pinned_mem_saves_every_interval(tmp_path, monkeypatch):
     try:
         job_config = parse_config(args(tmp_path, "--checkpoint.enable", "--checkpoint.interval", "1",
                                        "--checkpoint.async_mode", "async_with_pinned_mem"))
-        spec, model_args, parallel_dims, recipe = train.validate(job_config)
+        job = validate(job_config)
         with one_rank():
-            train.train(job_config, spec, model_args, parallel_dims, recipe, torch.device("cpu"))
+            train.train(job_config, job, torch.device("cpu"))
     finally:
         checkpoint._stager_closes_itself.cache_clear()  # the next test sees the installed torch again
     assert complete_steps(str(tmp_path / "checkpoint")) == [1, 2, 3]
@@ -199,14 +201,14 @@ def test_export_refuses_nonfinite_weights(tmp_path, capfd):
 ])
 def test_bad_values_are_refused_before_the_run(extra, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        train.validate(parse_config(["--job.config_file", CONFIG, *extra]))
+        validate(parse_config(["--job.config_file", CONFIG, *extra]))
 
 
 def test_unread_validation_options_are_refused():
     job_config = parse_config(["--job.config_file", CONFIG])
     job_config.validation.dataloader.num_workers = 2  # as `[validation.dataloader] num_workers = 2` sets it
     with pytest.raises(ConfigError, match=r"validation\.dataloader\.\* is not supported"):
-        train.validate(job_config)
+        validate(job_config)
 
 
 def held_out(tmp_path) -> str:
@@ -231,8 +233,8 @@ def two_rank_cases(tmp: str, held_out_path: str) -> dict:
            "token_means_empty": train.token_means({}, torch.tensor(6.0), dist.group.WORLD)}
     for name, layout in (("dp2", dict(dp=2)), ("cp2", dict(cp=2))):
         job_config = parse_config(validation_args(os.path.join(tmp, name), held_out_path, **layout))
-        spec, model_args, parallel_dims, recipe = train.validate(job_config)
-        _, records = train.train(job_config, spec, model_args, parallel_dims, recipe, torch.device("cpu"))
+        job = validate(job_config)
+        _, records = train.train(job_config, job, torch.device("cpu"))
         out[name] = [r["validation_loss"] for r in records]
     return out
 
@@ -242,9 +244,9 @@ def test_validation_loss_under_two_ranks_equals_one_process_and_profiling_writes
     held_out_path = held_out(tmp_path)
     profile = ["--profiling.enable_profiling", "--profiling.profile_freq", "1", "--profiling.profiler_warmup", "0"]
     job_config = parse_config(validation_args(tmp_path / "one", held_out_path) + profile)
-    spec, model_args, parallel_dims, recipe = train.validate(job_config)
+    job = validate(job_config)
     with one_rank():
-        _, records = train.train(job_config, spec, model_args, parallel_dims, recipe, torch.device("cpu"))
+        _, records = train.train(job_config, job, torch.device("cpu"))
     reference = [r["validation_loss"] for r in records]
     assert len(reference) == 2 and reference[1] < reference[0], reference
     assert [r["step"] for r in metrics(tmp_path / "one")] == [1, 2]

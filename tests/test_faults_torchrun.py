@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from components.checkpoint import latest_step
+from longctx.checkpoint.dcp import latest_step
 from tests.conftest import ROOT
 from tests.test_faults import CONSTANT_LR, args, checkpoint_tensors, metrics
 

@@ -5,7 +5,7 @@ attention forward and backward at 32K in bf16, against the cuDNN, flash and flex
 import pytest
 import torch
 
-from scripts.bench_attention import make_inputs, sharded, whole_row
+from benchmarks.bench_attention import make_inputs, sharded, whole_row
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -4,8 +4,8 @@ for must reproduce the 1-GPU run, in fp32 parameters (tight) and in bf16 mixed p
 import pytest
 import torch
 
-from tests.distributed_harness import run_on_ranks
 from tests.conftest import assert_rel_close
+from tests.distributed_harness import run_on_ranks
 from tests.test_parallel import COMPILE_OP_AC, LAYOUTS, assert_matches_reference, overrides, train_layouts
 
 N_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

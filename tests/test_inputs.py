@@ -11,9 +11,11 @@ import os
 
 import pytest
 
-from components.config import UNSUPPORTED, VALUE_RULES, ConfigError, JobConfig, _check_supported, _check_values, parse_config
-from recipes.data import DataError, HFTokenizer, load_documents
-from recipes.policy import PolicyRecipe
+from longctx.base import ConfigError, DataError
+from longctx.config import UNSUPPORTED, VALUE_RULES, JobConfig, _check_supported, _check_values, parse_config
+from longctx.data.documents import load_documents
+from longctx.data.tokenizer import HFTokenizer
+from longctx.recipes.policy import PolicyRecipe
 from scripts import compute_logprobs as logprobs_script
 from tests.conftest import ROOT
 from tests.test_train import CONFIG, run_python

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common.args import DecoderArgs
-from models.common.decoder import Decoder
-from models.common.loss import IGNORE_INDEX, chunked_cross_entropy_sum, chunked_token_logprobs
+from longctx.base import IGNORE_INDEX
+from longctx.models.common.args import DecoderArgs
+from longctx.models.common.decoder import Decoder
+from longctx.models.common.loss import chunked_cross_entropy_sum, chunked_token_logprobs
 from tests.conftest import assert_rel_close
 
 B, T, DIM, VOCAB = 2, 24, 16, 53

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.common.decoder import Decoder, FeedForward
-from models.qwen3 import QWEN3_FLAGS
-from parallelisms.activation_checkpoint import apply_ac, apply_activation_offload, apply_mlp_tiling, blocks_to_checkpoint
+from longctx.models.common.decoder import Decoder, FeedForward
+from longctx.models.qwen3 import QWEN3_FLAGS
+from longctx.parallelisms.activation_checkpoint import apply_ac, apply_activation_offload, apply_mlp_tiling, blocks_to_checkpoint
 from tests.conftest import assert_rel_close, randomize_parameters
 from tests.distributed_harness import run_on_ranks
 from tests.test_models import grads, pack, sum_ce, tiny_args
@@ -110,8 +110,9 @@ def test_offload_and_tiling_under_fsdp_and_ulysses_match_one_process(hf_dir, tmp
     (["--activation_checkpoint.mode", "full", "--activation_checkpoint.mlp_chunk_size", "-1"], "give 0 \\(off\\)"),
 ])
 def test_memory_settings_that_mean_nothing_are_refused(flags, message):
-    from components.build import validate
-    from components.config import ConfigError, parse_config
+    from longctx.base import ConfigError
+    from longctx.config import parse_config
+    from longctx.launch import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(parse_config(["--job.config_file", "train_configs/debug.toml", *flags]))

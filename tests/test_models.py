@@ -9,13 +9,13 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
-from components.hf import export_hf, load_hf_weights
-from models import MODELS, get_model_spec
-from models.common.args import DecoderArgs, args_from_hf_config, args_to_hf_config
-from models.common.decoder import Decoder
-from models.common.loss import IGNORE_INDEX
-from models.qwen2 import QWEN2_FLAGS
-from models.qwen3 import QWEN3_FLAGS
+from longctx.base import IGNORE_INDEX, ConfigError
+from longctx.checkpoint.hf import export_hf, load_hf_weights
+from longctx.models import MODELS, get_model_spec
+from longctx.models.common.args import DecoderArgs, args_from_hf_config, args_to_hf_config
+from longctx.models.common.decoder import Decoder
+from longctx.models.qwen2 import QWEN2_FLAGS
+from longctx.models.qwen3 import QWEN3_FLAGS
 from tests.conftest import TINY_HF_CONFIG, assert_rel_close, randomize_parameters
 
 # GQA with 1, 2 and 4 kv heads, tied and untied, hidden sizes that are not powers of two.
@@ -222,11 +222,11 @@ def test_published_configs_give_our_flavors():
 def test_unsupported_hf_configs_are_refused(tmp_path):
     cfg = args_to_hf_config(MODELS["qwen3"].flavors["0.6B"]) | {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}
     cfg.pop("rope_parameters")
-    with pytest.raises(ValueError, match="dynamic"):
+    with pytest.raises(ConfigError, match="dynamic"):
         args_from_hf_config(cfg, **QWEN3_FLAGS)
     path = tmp_path / "config.json"
     path.write_text('{"model_type": "llama", "hidden_size": 8}')
-    with pytest.raises(ValueError, match="llama"):
+    with pytest.raises(ConfigError, match="llama"):
         MODELS["qwen3"].args_for(str(tmp_path))
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(ConfigError, match="nope"):
         MODELS["qwen2"].args_for("nope")

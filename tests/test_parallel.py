@@ -11,9 +11,10 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-import train
-from components.config import parse_config
-from models.common.state_dict_adapter import strip_wrappers
+from longctx import train
+from longctx.config import parse_config
+from longctx.launch import validate
+from longctx.models.common.state_dict_adapter import strip_wrappers
 from tests.conftest import relative_error
 from tests.distributed_harness import run_on_ranks
 
@@ -51,9 +52,9 @@ def train_layouts(cases: list[list[str]]) -> list[dict]:
     results = []
     for case in cases:
         job_config = parse_config(case)
-        spec, model_args, parallel_dims, recipe = train.validate(job_config)
+        job = validate(job_config)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        model, records = train.train(job_config, spec, model_args, parallel_dims, recipe, device)
+        model, records = train.train(job_config, job, device)
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         grads = {strip_wrappers(n): _full(p.grad).detach().float().cpu() for n, p in model.named_parameters()}
         results.append({

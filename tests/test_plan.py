@@ -5,13 +5,22 @@ import dataclasses
 import pytest
 import torch
 
-from components.config import ConfigError
-from components.memory_plan import (GIB, Layout, attention_backward_per_token, block_params, largest_term, longest_seq,
-                                   plan_memory, root_params, saved_per_token)
-from components.metrics import mfu, peak_flops_for
-from models.common.decoder import Decoder
-from models.qwen2 import qwen2_flavors
-from models.qwen3 import qwen3_flavors
+from longctx.base import ConfigError
+from longctx.metrics import mfu, peak_flops_for
+from longctx.models.common.decoder import Decoder
+from longctx.models.qwen2 import qwen2_flavors
+from longctx.models.qwen3 import qwen3_flavors
+from longctx.planner.memory import (
+    GIB,
+    Layout,
+    attention_backward_per_token,
+    block_params,
+    largest_term,
+    longest_seq,
+    plan_memory,
+    root_params,
+    saved_per_token,
+)
 from scripts import plan
 
 QWEN3_06B = qwen3_flavors["0.6B"]

@@ -24,13 +24,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import train
-from components.build import free_port
-from components.config import parse_config
-from models.common.loss import IGNORE_INDEX
-from recipes import build_recipe
-from recipes.data import DataError, PackedStream, collate, pack_row
-from recipes.policy import EXTRA_FIELDS
+from longctx import train
+from longctx.base import IGNORE_INDEX, DataError
+from longctx.config import parse_config
+from longctx.data.loader import RowLength
+from longctx.data.packing import PackedStream, collate, pack_row
+from longctx.launch import free_port, validate
+from longctx.modeling import build_model
+from longctx.recipes import build_recipe
+from longctx.recipes.policy import EXTRA_FIELDS
 from scripts import compute_logprobs as logprobs_script
 from tests.conftest import ROOT
 from tests.distributed_harness import run_on_ranks
@@ -83,16 +85,16 @@ def policy_args(hf_dir: str, rollouts: str, **layout) -> list[str]:
 
 def train_records(args: list[str]) -> list[dict]:
     job_config = parse_config(args)
-    spec, model_args, parallel_dims, recipe = train.validate(job_config)
-    _, records = train.train(job_config, spec, model_args, parallel_dims, recipe, torch.device("cpu"))
+    job = validate(job_config)
+    _, records = train.train(job_config, job, torch.device("cpu"))
     return records
 
 
 def layout_logprobs(args: list[str], rollouts_path: str) -> dict[int, list[float]]:
     job_config = parse_config(args)
-    spec, model_args, parallel_dims, recipe = train.validate(job_config)
+    job = validate(job_config)
     rollouts = logprobs_script.read_jsonl(rollouts_path)
-    return logprobs_script.compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts, torch.device("cpu"))
+    return logprobs_script.compute_logprobs(job_config, job, rollouts, torch.device("cpu"))
 
 
 def two_rank_cases(hf_dir: str, tmp: str, rollouts: str, rollouts_with_old: str) -> dict:
@@ -199,14 +201,10 @@ def test_policy_encode_aligns_labels_advantages_and_old_logprobs(hf_dir, rollout
 def test_policy_packs_rollouts_whole(hf_dir, rollouts_path):
     recipe = build_recipe(parse_config(policy_args(hf_dir, rollouts_path)))
     docs = [{"prompt_ids": [1] * 30, "response_ids": [2] * 20, "advantage": 1.0}] * 2  # 50 tokens each
-    stream = PackedStream(docs, recipe.encode, 64, 64, 0, EXTRA_FIELDS, split_documents=False)
-    row = stream.next_row()
+    stream = PackedStream(docs, recipe.encode, 0, EXTRA_FIELDS, split_documents=False)
+    row = stream.next_rows(1, [0], RowLength(64, 64))[0]
     assert (row["document_ids"][:50] == 0).all() and (row["document_ids"][50:] == 1).all()  # one rollout + padding
     assert (row["advantages"][29:49] == 1.0).all() and row["advantages"].sum() == 20
-    long = PackedStream([{"prompt_ids": [1] * 60, "response_ids": [2] * 10, "advantage": 1.0}], recipe.encode, 64, 64, 0,
-                        EXTRA_FIELDS, split_documents=False)
-    with pytest.raises(DataError, match="70 tokens > training.seq_len=64"):
-        long.next_row()
 
 
 @pytest.mark.parametrize("layout", ["cp2", "tp2"])
@@ -236,8 +234,8 @@ def test_policy_loss_and_grads_match_direct_computation(hf_dir, tmp_path):
     path = write_jsonl(tmp_path / "rollouts.jsonl", rollouts)
     job_config = parse_config(policy_args(hf_dir, path) + ["--training.seq_len", "256", "--recipe.loss_chunk_size", "32"])
     with one_rank():
-        spec, model_args, parallel_dims, recipe = train.validate(job_config)
-        model = train.build_model(spec, model_args, parallel_dims, job_config, torch.device("cpu"))
+        spec, model_args, parallel_dims, recipe = validate(job_config)
+        model = build_model(spec, model_args, parallel_dims, job_config, torch.device("cpu"))
     batch = collate([pack_row([recipe.encode(r) for r in rollouts], 256, recipe.pad_id, EXTRA_FIELDS)])
     loss_sum, metric_sums = recipe.loss_sum(model, batch)
     n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
@@ -272,8 +270,8 @@ def test_policy_ratio_is_one_at_first_step(two_ranks, hf_dir, rollouts_path):
     (step1,) = two_ranks["policy_cp2"]
     assert abs(step1["ratio_mean"] - 1) <= ATOL, step1
     assert step1["clip_fraction"] == 0.0, step1
-    stream = build_recipe(parse_config(policy_args(hf_dir, rollouts_path))).build_stream(64)
-    batch = collate([stream.next_row() for _ in range(4)])  # the step's global batch
+    stream = build_recipe(parse_config(policy_args(hf_dir, rollouts_path))).build_stream()
+    batch = collate(stream.next_rows(4, range(4), RowLength(64, 64)))  # the step's global batch
     mask = batch["labels"] != IGNORE_INDEX
     want = -(batch["advantages"] * mask).sum().item() / mask.sum().item()
     assert step1["valid_tokens"] == mask.sum().item()

@@ -7,21 +7,23 @@ decide the logits. Parity: 1 rank directly; dp2, cp2 and tp2 through scripts/com
 
 import dataclasses
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import transformers
 
-import train
-from components import build
-from components.config import ConfigError, parse_config
-from components.hf import export_hf
-from models import get_model_spec
-from models.common.args import args_from_hf_config
-from models.common.decoder import Decoder
-from models.common.rope import RopeScaling, rope_scaling_from_dict
+from longctx import train
+from longctx.base import ConfigError
+from longctx.checkpoint.hf import export_hf
+from longctx.config import parse_config
+from longctx.data.loader import RowSchedule
+from longctx.launch import check_seq_len_schedule, validate
+from longctx.modeling import hf_folder_args, model_spec_and_args
+from longctx.models import get_model_spec
+from longctx.models.common.args import args_from_hf_config
+from longctx.models.common.decoder import Decoder
+from longctx.models.common.rope import RopeScaling, rope_scaling_from_dict
 from scripts import compute_logprobs as logprobs_script
 from tests.conftest import assert_rel_close, randomize_parameters
 from tests.distributed_harness import run_on_ranks
@@ -94,7 +96,7 @@ def test_legacy_rope_scaling_and_rope_parameters_read_alike():
     ({"type": "yarn", "factor": 0.5}, "needs factor >= 1"),
 ])
 def test_bad_rope_scaling_is_one_line(entry, message):
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(ConfigError, match=message) as error:
         rope_scaling_from_dict(entry, 128)
     assert "\n" not in str(error.value)
 
@@ -107,22 +109,22 @@ def toml_job(tmp_path, model_lines: str, training_lines: str = "") -> list[str]:
 
 def test_toml_rope_scaling_overrides_the_flavor(tmp_path):
     job = parse_config(toml_job(tmp_path, 'rope_scaling = {type = "yarn", factor = 4.0, original_max_position_embeddings = 1024}'))
-    _, args = build.model_spec_and_args(job)
+    _, args = model_spec_and_args(job)
     assert args.rope_scaling == RopeScaling("yarn", 4.0, 1024)
     assert get_model_spec("qwen3").flavors["debugmodel"].rope_scaling is None  # the shared flavor is untouched
     for bad, message in [('rope_scaling = {type = "dynamic", factor = 2.0}', "model.rope_scaling: rope scaling type 'dynamic'"),
                          ('rope_scaling = "yarn"', "model.rope_scaling = 'yarn' does not match its type")]:
         with pytest.raises(ConfigError, match=message):
-            build.model_spec_and_args(parse_config(toml_job(tmp_path, bad)))
+            model_spec_and_args(parse_config(toml_job(tmp_path, bad)))
 
 
 def test_export_writes_the_scaling_back(tiny_scaled, tmp_path):
     """A default-RoPE HF model extended with YaRN in the TOML -> export -> transformers and our
     loader both read the YaRN model back: same logits, same args."""
     base = tiny_scaled("qwen3-linear").path  # its config.json's scaling is replaced by the TOML's
-    job = parse_config(build.hf_folder_args(base) + [
+    job = parse_config(hf_folder_args(base) + [
         "--model.rope_scaling", "type", "yarn", "factor", "4.0", "original_max_position_embeddings", "32", "beta_fast", "16"])
-    spec, args = build.model_spec_and_args(job)
+    spec, args = model_spec_and_args(job)
     assert args.rope_scaling == RopeScaling("yarn", 4.0, 32, beta_fast=16.0)
     ours = Decoder(args)
     randomize_parameters(ours, seed=5)
@@ -168,9 +170,9 @@ def layout_logprobs(cases: dict[str, tuple[str, str]]) -> dict:
         args = logprobs_script.config_args(model_dir, rollouts_path, ["--training.seq_len", str(SEQ), *LAYOUTS[layout],
                                                                        "--comm.init_timeout_seconds", "90"])
         job_config = parse_config(args)
-        spec, model_args, parallel_dims, recipe = build.validate(job_config)
+        job = validate(job_config)
         rollouts = logprobs_script.read_jsonl(rollouts_path)
-        mine = logprobs_script.compute_logprobs(job_config, spec, model_args, parallel_dims, recipe, rollouts, torch.device("cpu"))
+        mine = logprobs_script.compute_logprobs(job_config, job, rollouts, torch.device("cpu"))
         parts = [None] * dist.get_world_size()  # dp groups score different rows
         dist.all_gather_object(parts, mine)
         results[name] = {i: lp for part in parts for i, lp in part.items()}
@@ -198,15 +200,15 @@ def test_seq_len_schedule_checks_and_stages(tmp_path):
                               ("[[0, 64], [4, 100]]", "largest must equal training.seq_len=128"),
                               ("[[0, 0], [4, 128]]", "positive"), ("[[0, 64, 3]]", "pairs")]:
         with pytest.raises(ConfigError, match=message):
-            build.check_seq_len_schedule(training(schedule), compiled=False)
+            check_seq_len_schedule(training(schedule), compiled=False)
     # One stage more than dynamo's limit as it stands (a script imported elsewhere may have raised it).
     too_many = [[i, 128] for i in range(torch._dynamo.config.recompile_limit + 1)]
     with pytest.raises(ConfigError, match="more than torch.compile recompiles"):
-        build.check_seq_len_schedule(training(too_many), compiled=True)
-    staged = training("[[0, 30], [3, 64], [5, 128]]")
-    tp2_cp2 = SimpleNamespace(tp=2, cp=2, seq_multiple=4)  # rows padded to a multiple of 4
-    assert [build.row_length(staged, step, tp2_cp2) for step in (1, 2, 3, 4, 5, 9)] == \
+        check_seq_len_schedule(training(too_many), compiled=True)
+    staged = RowSchedule.from_training(training("[[0, 30], [3, 64], [5, 128]]"), multiple=4)  # tp2 x cp2
+    assert [staged.at(step) for step in (1, 2, 3, 4, 5, 9)] == \
         [(30, 32), (30, 32), (64, 64), (64, 64), (128, 128), (128, 128)]
+    assert staged.longest == (128, 128)
 
 
 COMPILED_LENGTHS = []
@@ -233,8 +235,8 @@ def schedule_run(tmp_path, model_dir: str, extra=()) -> dict[int, float]:
             "--compile.enable", "--compile.backend", "recording_eager", *extra]
     with one_rank():
         job_config = parse_config(args)
-        spec, model_args, parallel_dims, recipe = build.validate(job_config)
-        _, records = train.train(job_config, spec, model_args, parallel_dims, recipe, torch.device("cpu"))
+        job = validate(job_config)
+        _, records = train.train(job_config, job, torch.device("cpu"))
     return {r["step"]: r["loss"] for r in records}
 
 

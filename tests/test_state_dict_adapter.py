@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from components.hf import load_hf_weights
-from models import MODELS
-from models.common.args import DecoderArgs
-from models.common.decoder import Decoder
-from models.common.state_dict_adapter import strip_wrappers
-from parallelisms.activation_checkpoint import apply_ac
-from parallelisms.compile import apply_compile
+from longctx.checkpoint.hf import load_hf_weights
+from longctx.models import MODELS
+from longctx.models.common.args import DecoderArgs
+from longctx.models.common.decoder import Decoder
+from longctx.models.common.state_dict_adapter import strip_wrappers
+from longctx.parallelisms.activation_checkpoint import apply_ac
+from longctx.parallelisms.compile import apply_compile
 from tests.conftest import randomize_parameters
 
 FAMILIES = ["qwen3", "qwen2"]

@@ -6,10 +6,11 @@ import os
 
 import pytest
 
-from components import build
-from components.config import parse_config
-from models import get_model_spec
-from parallelisms.parallel_dims import ParallelDims
+from longctx.config import parse_config
+from longctx.launch import check_seq_len_schedule
+from longctx.modeling import model_spec_and_args
+from longctx.models import get_model_spec
+from longctx.parallelisms.parallel_dims import ParallelDims
 from tests.conftest import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "train_configs", "*.toml")))
@@ -24,18 +25,16 @@ def test_config_parses_and_opens_with_how_to_launch(path):
         first = f.readline()
     assert first.startswith("# "), f"{path} should open with a comment saying what it trains and how to launch it"
     job = parse_config(["--job.config_file", path])
-    build.model_spec_and_args(job)  # raises on an unknown flavor or a bad rope scaling
-    build.check_seq_len_schedule(job.training, job.compile.enable)
+    model_spec_and_args(job)  # raises on an unknown flavor or a bad rope scaling
+    check_seq_len_schedule(job.training, job.compile.enable)
 
 
 @pytest.mark.parametrize("name,world_size", sorted(WORLD_SIZES.items()))
 def test_real_size_layout_fits_its_world_size(name, world_size):
     job = parse_config(["--job.config_file", os.path.join(ROOT, "train_configs", name)])
     args = get_model_spec(job.model.name).args_for(job.model.flavor)
-    p, t = job.parallelism, job.training
-    dims = ParallelDims(dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
-                        cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, world_size=world_size,
-                        cp_ulysses=p.context_parallel_ulysses_degree).for_heads(args.n_heads, args.n_kv_heads)
+    t = job.training
+    dims = ParallelDims.from_config(job.parallelism, world_size, args.n_heads, args.n_kv_heads)
     assert t.seq_len % dims.seq_multiple == 0
     assert t.global_batch_size % (t.local_batch_size * dims.dp) == 0, "whole micro-batches per dp rank"
     assert job.checkpoint.initial_load_in_hf and job.checkpoint.initial_load_path == job.model.hf_assets_path

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from parallelisms.parallel_dims import ParallelDims
+from longctx.base import ConfigError
+from longctx.parallelisms.parallel_dims import ParallelDims
 from tests.conftest import ROOT
-
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ from tests.conftest import ROOT
     ],
 )
 def test_impossible_layouts_name_the_numbers(degrees, world_size, heads, message):
-    with pytest.raises(ValueError, match=None) as info:
+    with pytest.raises(ConfigError, match=None) as info:
         ParallelDims(**degrees, world_size=world_size).for_heads(*heads)
     assert message in str(info.value)
     assert "\n" not in str(info.value)

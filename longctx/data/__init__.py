@@ -1,0 +1,1 @@
+"""Documents, tokenizer, packing, token shards, chat rendering, and the step loader: the CPU side of a batch."""

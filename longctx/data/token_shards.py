@@ -1,0 +1,163 @@
+"""A corpus tokenized once (scripts/tokenize_corpus.py) into memory-mapped shards, packed into rows by arithmetic.
+
+A TOKENS_DIR holds
+  shard-00000.bin      documents' tokens back to back, each closed by EOS (pretrain's encoding);
+                       uint16 when the vocabulary fits, else uint32: nanoGPT's train.bin
+  shard-00000.idx.npy  int64 end offset of each document in its shard: the document index of
+                       Megatron's indexed datasets
+  metadata.json        written last, so a folder without it is an unfinished run: the
+                       tokenizer's identity (training refuses another tokenizer), dtype, counts
+
+The stream is the corpus repeated epoch after epoch. A row of L tokens starting at token t
+covers [t, t+L) of it, so row r of a constant-L run is [r*L, (r+1)*L): a rank reads its own
+rows and nothing else, and its cost does not grow with dp. The rows equal PackedStream's over
+the same documents (tests/test_data.py): labels are the next token within the document (a
+document's last token, EOS, predicts nothing), positions restart where a document or the row
+starts, and document ids count the row's segments.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from longctx.base import IGNORE_INDEX, DataError
+from longctx.data.packing import packed_row
+from longctx.data.tokenizer import HFTokenizer
+
+METADATA = "metadata.json"
+FORMAT = "tokens-v1"
+
+
+def is_token_folder(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, METADATA))
+
+
+def tokenizer_identity(tokenizer: HFTokenizer) -> dict:
+    """What the token ids mean: a hash of the tokenizer as the `tokenizers` library serializes it
+    (the same for two copies of one tokenizer, whatever their folder), its vocabulary and EOS."""
+    serialized = tokenizer.tokenizer.to_str().encode()
+    return {"sha256": hashlib.sha256(serialized).hexdigest(), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+class ShardWriter:
+    """Appends documents to shards of about shard_tokens tokens; finish() writes metadata.json."""
+
+    def __init__(self, folder: str, tokenizer: HFTokenizer, shard_tokens: int):
+        if os.path.exists(folder) and os.listdir(folder):
+            raise DataError(f"{folder} already exists and is not empty; remove it or choose another output folder")
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.shard_tokens = folder, shard_tokens
+        self.identity, self.dtype = tokenizer_identity(tokenizer), token_dtype(tokenizer.vocab_size)
+        self.shards: list[dict] = []
+        self.file, self.ends = None, []
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """tokens: a batch of documents back to back (self.dtype); lengths: one per document.
+        A shard closes after the document that fills it: shards hold whole documents."""
+        while len(lengths):
+            if self.file is None:
+                self.file = open(os.path.join(self.folder, f"shard-{len(self.shards):05d}.bin"), "wb")
+            start = self.ends[-1] if self.ends else 0
+            ends = start + np.cumsum(lengths)
+            count = min(int(np.searchsorted(ends, self.shard_tokens)) + 1, len(lengths))  # documents for this shard
+            used = int(ends[count - 1]) - start
+            self.file.write(tokens[:used].tobytes())
+            self.ends.extend(ends[:count].tolist())
+            if self.ends[-1] >= self.shard_tokens:
+                self._close_shard()
+            tokens, lengths = tokens[used:], lengths[count:]
+
+    def _close_shard(self) -> None:
+        name = f"shard-{len(self.shards):05d}"
+        self.file.close()
+        np.save(os.path.join(self.folder, f"{name}.idx.npy"), np.array(self.ends, dtype=np.int64))
+        self.shards.append({"name": name, "num_tokens": self.ends[-1], "num_documents": len(self.ends)})
+        self.file, self.ends = None, []
+
+    def finish(self, source: str) -> dict:
+        if self.ends:
+            self._close_shard()
+        if not self.shards:
+            raise DataError(f"{source!r} has no documents")
+        metadata = {
+            "format": FORMAT, "source": source, "tokenizer": self.identity, "dtype": self.dtype.name,
+            "num_documents": sum(s["num_documents"] for s in self.shards),
+            "num_tokens": sum(s["num_tokens"] for s in self.shards), "shards": self.shards,
+        }
+        with open(os.path.join(self.folder, METADATA), "w") as f:
+            json.dump(metadata, f, indent=1)
+        return metadata
+
+
+class TokenCorpus:
+    """The shards of a TOKENS_DIR, memory-mapped: opening costs nothing, reading pages in only the
+    spans asked for. Refuses a folder tokenized with another tokenizer than the training one."""
+
+    def __init__(self, folder: str, tokenizer: HFTokenizer):
+        with open(os.path.join(folder, METADATA)) as f:
+            metadata = json.load(f)
+        if metadata.get("format") != FORMAT:
+            raise DataError(f"{folder} holds tokens of format {metadata.get('format')!r}, not {FORMAT!r}; "
+                            "tokenize the corpus again with scripts/tokenize_corpus.py")
+        if metadata["tokenizer"] != tokenizer_identity(tokenizer):
+            raise DataError(f"{folder} was tokenized with another tokenizer than model.hf_assets_path's "
+                            f"({metadata['tokenizer']['sha256'][:12]} vs {tokenizer_identity(tokenizer)['sha256'][:12]}); "
+                            "tokenize again with this model's --model.hf_assets_path")
+        self.tokens = [np.memmap(os.path.join(folder, s["name"] + ".bin"), dtype=metadata["dtype"], mode="r")
+                       for s in metadata["shards"]]
+        self.ends = [np.load(os.path.join(folder, s["name"] + ".idx.npy"), mmap_mode="r") for s in metadata["shards"]]
+        self.shard_starts = np.cumsum([0] + [s["num_tokens"] for s in metadata["shards"]])
+        self.num_tokens, self.num_documents = metadata["num_tokens"], metadata["num_documents"]
+
+    def span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [start, start+length) of the endless stream (int64), and the offsets in (0, length]
+        at which a document ends inside it (ascending)."""
+        pieces, ends, done = [], [], 0
+        while done < length:
+            at = (start + done) % self.num_tokens
+            shard = int(np.searchsorted(self.shard_starts, at, side="right")) - 1
+            lo = at - int(self.shard_starts[shard])
+            hi = min(int(self.shard_starts[shard + 1] - self.shard_starts[shard]), lo + length - done)
+            shard_ends = self.ends[shard]
+            inside = shard_ends[np.searchsorted(shard_ends, lo, side="right") : np.searchsorted(shard_ends, hi, side="right")]
+            pieces.append(self.tokens[shard][lo:hi])
+            ends.append(inside - lo + done)
+            done += hi - lo
+        return np.concatenate(pieces).astype(np.int64), np.concatenate(ends)
+
+
+class TokenStream:
+    """Packed rows of a TokenCorpus; the same interface and rows as PackedStream (pretrain's),
+    with the state one number: the stream token where the next row starts (a token offset rather
+    than a row index, so it survives a change of row length)."""
+
+    def __init__(self, corpus: TokenCorpus, pad_id: int):
+        self.corpus, self.pad_id = corpus, pad_id
+        self.next_token = 0
+
+    def row(self, start: int, row):
+        """The row of row.tokens whose first token is stream token `start`, padded to row.padded."""
+        length = row.tokens
+        tokens, ends = self.corpus.span(start, length + 1)  # one token more: the last label
+        labels = tokens[1:].copy()
+        labels[ends[ends <= length] - 1] = IGNORE_INDEX  # a document's last token predicts nothing
+        lengths = np.diff(ends[ends < length], prepend=0, append=length)  # the row's pieces of documents
+        return packed_row(tokens[:-1], labels, lengths, row.padded, self.pad_id)
+
+    def next_rows(self, count: int, wanted: list[int], row):
+        """Advance `count` rows; return those at the offsets in `wanted`, reading nothing else."""
+        rows = [self.row(self.next_token + offset * row.tokens, row) for offset in wanted]
+        self.next_token += count * row.tokens
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"next_token": self.next_token}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_token = state["next_token"]
