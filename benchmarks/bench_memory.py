@@ -25,10 +25,11 @@ import torch
 from bench_systems import Ours, free, memory_gib, reset_memory, time_steps
 
 from longctx.config import parse_config
-from longctx.launch import init_distributed
+from longctx.launch import init_distributed, model_settings
 from longctx.modeling import model_spec_and_args
 from longctx.models.common.args import args_to_hf_config
-from longctx.planner.memory import GIB, layout_from_config, plan_memory
+from longctx.parallelisms.parallel_dims import ParallelDims
+from longctx.planner.memory import GIB, layout_for, plan_memory
 
 CONFIG = "train_configs/qwen3_bench.toml"
 DEFAULT_CASES = [
@@ -65,12 +66,14 @@ def case_args(case: str, folder: str) -> tuple[list[str], list[str]]:
 
 
 def planned_gib(argv: list[str]) -> float:
+    """The planner's peak for this job on one GPU, with the settings the run itself takes (auto's choice too)."""
     job_config = parse_config(argv)
     _, model_args = model_spec_and_args(job_config)
-    from longctx.parallelisms.parallel_dims import ParallelDims
-
-    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, world_size=1)
-    return plan_memory(model_args, layout_from_config(job_config, dims))[0]["peak"] / GIB
+    dims = ParallelDims.from_config(job_config.parallelism, 1, model_args.n_heads, model_args.n_kv_heads)
+    settings = model_settings(job_config, model_args, dims, device_type="cuda")
+    training = job_config.training
+    layout = layout_for(settings, dims, training.seq_len, training.local_batch_size, job_config.recipe.loss_chunk_size)
+    return plan_memory(model_args, layout)[0]["peak"] / GIB
 
 
 def train_two_steps(argv: list[str], device) -> float:

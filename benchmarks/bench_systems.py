@@ -21,6 +21,7 @@ import types
 import torch
 
 from longctx import train  # train_step itself is what ours times
+from longctx.checkpoint.source import weight_source
 from longctx.config import parse_config
 from longctx.launch import validate
 from longctx.modeling import build_model
@@ -45,9 +46,11 @@ class Ours:
         from torchtitan.components.optimizer import build_optimizers
 
         self.job_config = parse_config(argv)
-        self.spec, self.model_args, self.parallel_dims, self.recipe = validate(self.job_config)
+        self.job = validate(self.job_config)
+        self.spec, self.model_args, self.parallel_dims, self.recipe, self.settings = self.job
         self.device, self.doc_len = device, doc_len
-        self.model = build_model(self.spec, self.model_args, self.parallel_dims, self.job_config, device)
+        self.model = build_model(self.spec, self.model_args, self.parallel_dims, self.settings, device,
+                                 weight_source(self.job_config))
         self.optimizers = build_optimizers([self.model], self.job_config.optimizer, self.parallel_dims)
         self.lr_schedulers = build_lr_schedulers(self.optimizers, self.job_config.lr_scheduler, 10**6)
 
@@ -56,8 +59,8 @@ class Ours:
         batch = {"input_ids": inputs, "labels": labels, "position_ids": positions}
         if self.doc_len:  # packed documents: per-document positions and mask (flex attention on CUDA)
             batch.update(position_ids=positions % self.doc_len, document_ids=positions // self.doc_len)
-        return train.train_step(self.model, self.recipe, [batch], self.parallel_dims, self.optimizers,
-                                self.lr_schedulers, self.job_config, self.device).loss.item()
+        return train.train_step(self.model, self.job, [batch], self.optimizers, self.lr_schedulers, self.job_config,
+                                self.device).loss.item()
 
 
 class HF:
@@ -190,7 +193,7 @@ def systems_from(args) -> list[str]:
 
 
 def model_args_for(args):
-    return validate(parse_config(["--job.config_file", args.config, "--model.flavor", args.flavor]))[1]
+    return validate(parse_config(["--job.config_file", args.config, "--model.flavor", args.flavor])).model_args
 
 
 # ---------------------------------------------------------------- measurement

@@ -83,6 +83,13 @@ class Checkpoint(TitanCheckpoint):
 
 @dataclass
 class ActivationCheckpoint(TitanActivationCheckpoint):
+    mode: Literal["none", "full", "selective", "auto"] = "selective"
+    """Per transformer block: "none" keeps every activation, "full" only the block input (the
+    block is recomputed in backward), "selective" every N-th block full (selective_ac_option N) or
+    every block per-op (selective_ac_option "op": recompute all but the attention kernel and the cp
+    collectives); "auto": the planner picks the fastest mix of these (and tiles, offload, kv-head
+    groups) whose planned peak fits this GPU's memory less 10% (planner/auto.py)."""
+
     cpu_offload: bool = False
     """Park each checkpointed block's input in pinned host memory during forward and bring it
     back one block ahead in backward (needs mode full or selective). Frees L x T x dim bf16

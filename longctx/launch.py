@@ -8,6 +8,7 @@ process group itself, and an exit code that tells the truth on every rank.
 """
 
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -19,24 +20,29 @@ import torch
 import torch.distributed as dist
 
 from longctx import profiling, validation
-from longctx.base import ConfigError, DataError, UserError, global_rank
+from longctx.base import ConfigError, DataError, UserError, global_rank, log
 from longctx.config import JobConfig
 from longctx.modeling import model_spec_and_args
 from longctx.models.common.args import DecoderArgs
 from longctx.models.common.spec import ModelSpec
-from longctx.parallelisms.activation_checkpoint import blocks_to_checkpoint
+from longctx.parallelisms.activation_checkpoint import block_checkpointing
 from longctx.parallelisms.parallel_dims import ParallelDims
+from longctx.parallelisms.settings import ModelSettings
+from longctx.parallelisms.ulysses import kv_heads_to_send
+from longctx.planner import auto
+from longctx.planner.memory import GIB, layout_for
 from longctx.recipes import Recipe, build_recipe
 
 
 class Job(NamedTuple):
     """What a job config decides, checked: the model family and dimensions, the layout on this
-    many processes, and the recipe with its data opened."""
+    many processes, the recipe with its data opened, and how the model is wrapped and run."""
 
     spec: ModelSpec
     model_args: DecoderArgs
     parallel_dims: ParallelDims
     recipe: Recipe
+    settings: ModelSettings
 
 
 def validate(job_config: JobConfig) -> Job:
@@ -47,7 +53,6 @@ def validate(job_config: JobConfig) -> Job:
     parallel_dims = ParallelDims.from_config(job_config.parallelism, world_size, model_args.n_heads, model_args.n_kv_heads)
     check_seq_len_schedule(job_config.training, job_config.compile.enable)
     ac = job_config.activation_checkpoint
-    blocks_to_checkpoint(ac.mode, ac.selective_ac_option, model_args.n_layers)  # refuses a bad mode or option
     if ac.cpu_offload and ac.mode == "none":
         raise ConfigError("activation_checkpoint.cpu_offload parks checkpointed block inputs; set activation_checkpoint.mode full or selective")
     if ac.mlp_chunk_size < 0 or (ac.mlp_chunk_size and parallel_dims.tp > 1):
@@ -66,7 +71,66 @@ def validate(job_config: JobConfig) -> Job:
     if largest_id >= model_args.vocab_size:
         raise DataError(f"{where}: token id {largest_id} >= the model's vocab_size {model_args.vocab_size}; "
                         "the rollouts were tokenized for another model")
-    return Job(spec, model_args, parallel_dims, recipe)
+    return Job(spec, model_args, parallel_dims, recipe, model_settings(job_config, model_args, parallel_dims))
+
+
+def model_settings(job_config: JobConfig, model_args: DecoderArgs, parallel_dims: ParallelDims,
+                   device_type: str | None = None, budget_bytes: float | None = None) -> ModelSettings:
+    """How the job wraps and runs its model (parallelisms/settings.py), decided here once: from the
+    config, or under activation_checkpoint.mode = "auto" the fastest settings the planner fits in
+    budget_bytes (default: this device's memory less planner/auto.MARGIN). device_type: where the
+    run will be (default: this machine's); plan.py plans for "cuda" on a CPU."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    ac, training, p = job_config.activation_checkpoint, job_config.training, job_config.parallelism
+    cuda = device_type == "cuda"
+    # CPU runs are the fp32 reference; on GPUs training.mixed_precision_param is the compute dtype.
+    compute = torch.bfloat16 if cuda and training.mixed_precision_param == "bfloat16" else torch.float32
+    # FSDP wherever weights are sharded, replicated or held on the host, and under TP on GPUs (its
+    # mixed precision casts the DTensor weights); one plain rank runs under autocast (torchtitan's choice).
+    fsdp = parallel_dims.fsdp_enabled or training.enable_cpu_offload or (cuda and parallel_dims.tp > 1)
+    n_layers = model_args.n_layers
+    settings = ModelSettings(
+        checkpointing=("full",) * n_layers if ac.mode == "auto" else block_checkpointing(ac.mode, ac.selective_ac_option, n_layers),
+        compile=job_config.compile.enable, compile_backend=job_config.compile.backend, mlp_chunk=ac.mlp_chunk_size,
+        activation_offload=ac.cpu_offload, compute_dtype=compute, fsdp=fsdp,
+        reshard_after_forward=p.fsdp_reshard_after_forward != "never", cpu_offload=training.enable_cpu_offload,
+        loss_parallel=parallel_dims.tp > 1 and not p.disable_loss_parallel)
+    if ac.mode != "auto":
+        return settings
+    return auto_settings(job_config, model_args, parallel_dims, settings, device_type, budget_bytes)
+
+
+def auto_settings(job_config: JobConfig, model_args: DecoderArgs, parallel_dims: ParallelDims, base: ModelSettings,
+                  device_type: str, budget_bytes: float | None) -> ModelSettings:
+    """planner/auto's choice for this job, sized for its longest row; one log line says it."""
+    if budget_bytes is None:
+        budget_bytes = device_memory(device_type) * (1 - auto.MARGIN)
+    table = auto_candidates(job_config, model_args, parallel_dims, base, budget_bytes)
+    best, seq_len = table[0], job_config.training.seq_len
+    if best.peak > budget_bytes:
+        raise ConfigError(f"activation_checkpoint.mode=auto: nothing fits {budget_bytes / GIB:.1f} GiB at training.seq_len="
+                          f"{seq_len}: the smallest plan needs {min(c.peak for c in table) / GIB:.1f} GiB; shorten seq_len, "
+                          "add GPUs (context_parallel_degree) or set training.enable_cpu_offload")
+    log(f"auto layout: {best.settings.describe()}; planned peak {best.peak / GIB:.1f} of {budget_bytes / GIB:.1f} GiB")
+    return best.settings
+
+
+def auto_candidates(job_config: JobConfig, model_args: DecoderArgs, parallel_dims: ParallelDims, base: ModelSettings,
+                    budget_bytes: float) -> list:
+    """planner/auto.choose on this job's mesh and longest row (scripts/plan.py --explain prints it)."""
+    training = job_config.training
+    layout_of = functools.partial(layout_for, parallel_dims=parallel_dims, seq_len=training.seq_len,
+                                  batch=training.local_batch_size, loss_chunk=job_config.recipe.loss_chunk_size)
+    ulysses = parallel_dims.cp_ulysses
+    kv_heads = kv_heads_to_send(model_args.n_kv_heads // parallel_dims.tp, ulysses) // ulysses  # per rank, in attention
+    return auto.choose(model_args, layout_of, base, fsdp_required=base.fsdp, kv_heads=kv_heads, budget_bytes=budget_bytes)
+
+
+def device_memory(device_type: str) -> int:
+    """Bytes of memory of this rank's GPU, or of this host for CPU runs."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_seq_len_schedule(training, compiled: bool) -> None:

@@ -17,7 +17,7 @@ from longctx.models.common.args import read_hf_config
 from longctx.models.common.decoder import Decoder
 from longctx.models.common.rope import rope_scaling_from_dict
 from longctx.parallelisms.parallel_dims import ParallelDims
-from longctx.parallelisms.tensor_parallel import loss_parallel_context
+from longctx.parallelisms.settings import ModelSettings
 
 
 def model_spec_and_args(job_config: JobConfig):
@@ -45,16 +45,16 @@ def hf_folder_args(hf_dir: str) -> list[str]:
             "--checkpoint.initial_load_path", hf_dir, "--checkpoint.initial_load_in_hf"]
 
 
-def build_model(spec, model_args, parallel_dims: ParallelDims, job_config: JobConfig, device,
-                source: WeightSource | None = None) -> Decoder:
-    """On the meta device first, so no rank ever holds the unsharded model; then shard and fill
-    from `source` (default: the one the job config names, components.checkpoint.weight_source)."""
+def build_model(spec, model_args, parallel_dims: ParallelDims, settings: ModelSettings, device,
+                source: WeightSource) -> Decoder:
+    """On the meta device first, so no rank ever holds the unsharded model; then wrapped as
+    `settings` say, materialized and filled from `source` (checkpoint/source.weight_source)."""
     with torch.device("meta"):
         model = Decoder(model_args)
-    spec.parallelize_fn(model, parallel_dims, job_config)
+    spec.parallelize_fn(model, parallel_dims, settings)
     # FSDP's CPU offload keeps the sharded fp32 parameters in host memory from the start.
-    model.to_empty(device="cpu" if job_config.training.enable_cpu_offload else device)
-    load_weights(model, spec, model_args, source or weight_source(job_config))
+    model.to_empty(device="cpu" if settings.cpu_offload else device)
+    load_weights(model, spec, model_args, source)
     model.train()
     return model
 
@@ -75,17 +75,12 @@ def load_weights(model: Decoder, spec, model_args, source: WeightSource) -> None
     log(source.log_line())
 
 
-
 def build_single_layout_model(job_config: JobConfig, device, source: WeightSource | None = None):
     """(spec, args, model): the job's model FSDP-sharded over however many ranks run this (no TP/CP,
-    no compile: parameter names are the same under every layout), filled from `source` (default:
-    the job config's). The conversion commands' model."""
+    no compile, no checkpointing: parameter names are the same under every layout), filled from
+    `source` (default: the job config's). The conversion commands' model."""
     spec, model_args = model_spec_and_args(job_config)
-    job_config.compile.enable, job_config.activation_checkpoint.mode = False, "none"
     parallel_dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, world_size=dist.get_world_size())
-    return spec, model_args, build_model(spec, model_args, parallel_dims, job_config, device, source)
-
-
-def step_context(parallel_dims: ParallelDims, job_config: JobConfig):
-    """Around every forward (and backward) of the model: loss parallel under tp."""
-    return loss_parallel_context(parallel_dims.tp > 1 and not job_config.parallelism.disable_loss_parallel)
+    settings = ModelSettings(("none",) * model_args.n_layers)  # fp32, FSDP over every rank
+    model = build_model(spec, model_args, parallel_dims, settings, device, source or weight_source(job_config))
+    return spec, model_args, model

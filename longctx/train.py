@@ -29,8 +29,9 @@ from longctx.config import JobConfig, parse_config
 from longctx.data.loader import RowSchedule, StepLoader
 from longctx.launch import Job, distributed, run_command, validate
 from longctx.metrics import MetricsLogger
-from longctx.modeling import build_model, step_context
+from longctx.modeling import build_model
 from longctx.parallelisms.parallel_dims import ParallelDims
+from longctx.parallelisms.settings import forward_context, loss_context
 from longctx.profiling import profilers
 from longctx.validation import Validator
 
@@ -114,10 +115,11 @@ def labelled_tokens(microbatches: list[dict]) -> torch.Tensor:
     return sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float()
 
 
-def train_step(model, recipe, microbatches, parallel_dims, optimizers, lr_schedulers, job_config, device,
+def train_step(model, job: Job, microbatches, optimizers, lr_schedulers, job_config, device,
                checkpointer: Checkpointer | None = None, stop_requested: bool = False) -> StepResult:
     """One optimizer step over this rank's micro-batches, applied only if the global batch's loss and
     grad norm are finite (otherwise its gradients are dropped by the next zero_grad)."""
+    recipe, parallel_dims, settings = job.recipe, job.parallel_dims, job.settings
     dp_cp = parallel_dims.mesh("dp_cp").get_group()
     optimizers.zero_grad()  # here, not after the step: the last step's gradients stay inspectable
     microbatches = on_device(microbatches, parallel_dims, device)
@@ -128,8 +130,9 @@ def train_step(model, recipe, microbatches, parallel_dims, optimizers, lr_schedu
     total = torch.zeros((), device=device)
     metric_sums = {}
     for mb in microbatches:
-        with step_context(parallel_dims, job_config):  # also covers backward
-            loss_sum, recipe_sums = recipe.loss_sum(model, mb)
+        with loss_context(settings):  # forward and backward
+            with forward_context(settings, device.type):
+                loss_sum, recipe_sums = recipe.loss_sum(model, mb)
             loss = loss_sum / n_tokens.clamp(min=1)
             loss.backward()
         total += loss.detach()
@@ -176,14 +179,15 @@ def skips_on_device(optimizers) -> bool:
 
 
 @torch.no_grad()
-def validation_loss(model, validator: Validator, parallel_dims: ParallelDims, job_config, device) -> float:
+def validation_loss(model, validator: Validator, job: Job, device) -> float:
     """The held-out loss: token losses summed over every validation batch and rank, divided by their
     global labelled-token count (as train_step normalizes)."""
+    parallel_dims, settings = job.parallel_dims, job.settings
     sums = torch.zeros(2, device=device)  # loss sum, labelled tokens
     model.eval()
     for microbatches in validator.batches():
         for mb in on_device(microbatches, parallel_dims, device):
-            with step_context(parallel_dims, job_config):
+            with loss_context(settings), forward_context(settings, device.type):
                 loss_sum, _ = validator.recipe.loss_sum(model, mb)
             sums += torch.stack([loss_sum.detach().float(), labelled_tokens([mb])])
     model.train()
@@ -222,14 +226,15 @@ def train(job_config: JobConfig, job: Job, device, signals: "StopSignals | None"
     """Build model, optimizer, schedule and data; run the loop. Returns (model, logged records).
     Needs an initialized process group; leaves it alive (tests run several layouts in one group).
     `signals`: SIGTERM/SIGINT caught since the command started (default: from the loop's start)."""
-    spec, model_args, parallel_dims, recipe = job.spec, job.model_args, job.parallel_dims, job.recipe
+    spec, model_args, parallel_dims, recipe, settings = job
     training = job_config.training
     schedule = RowSchedule.from_training(training, parallel_dims.seq_multiple)  # the one owner of row length
     check_documents_fit(recipe, schedule)
     log(f"{spec.name} {job_config.model.flavor}: {model_args.num_params() / 1e6:.1f}M params; "
-        f"dp_replicate={parallel_dims.dp_replicate} dp_shard={parallel_dims.dp_shard} cp={parallel_dims.cp} tp={parallel_dims.tp}")
+        f"dp_replicate={parallel_dims.dp_replicate} dp_shard={parallel_dims.dp_shard} cp={parallel_dims.cp} tp={parallel_dims.tp}; "
+        f"{settings.describe()}")
     source = weight_source(job_config)  # decided once: the run's own step, an initial load or a seed
-    model = build_model(spec, model_args, parallel_dims, job_config, device, source)
+    model = build_model(spec, model_args, parallel_dims, settings, device, source)
     optimizers = build_optimizers([model], job_config.optimizer, parallel_dims)
     lr_schedulers = build_lr_schedulers(optimizers, job_config.lr_scheduler, job_config.training.steps)
 
@@ -250,12 +255,12 @@ def train(job_config: JobConfig, job: Job, device, signals: "StopSignals | None"
             for step in range(start + 1, training.steps + 1):
                 batch = loader.next_step(step)  # this step's rows, at its stage of the schedule
                 metrics.add_step(global_batch * batch.row.padded, batch.row.padded)
-                result = train_step(model, recipe, batch.microbatches, parallel_dims, optimizers, lr_schedulers,
-                                    job_config, device, checkpointer, stop_requested=signals.received is not None)
+                result = train_step(model, job, batch.microbatches, optimizers, lr_schedulers, job_config, device,
+                                    checkpointer, stop_requested=signals.received is not None)
                 extra = skip_or_stop(result, step, lr_schedulers, training.skip_nonfinite_steps)
                 if validator is not None and validator.due(step):
                     with metrics.untimed():
-                        extra["validation_loss"] = validation_loss(model, validator, parallel_dims, job_config, device)
+                        extra["validation_loss"] = validation_loss(model, validator, job, device)
                 if "validation_loss" in extra or result.stop or step % job_config.metrics.log_freq == 0 or step in (1, training.steps):
                     records.append(log_step(metrics, step, result, lr_schedulers, parallel_dims, **extra))
                 checkpointer.save(step, last_step=step == training.steps, now=result.stop)

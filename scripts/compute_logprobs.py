@@ -30,8 +30,9 @@ from longctx.config import parse_config
 from longctx.data.documents import load_documents
 from longctx.data.packing import collate, pack_greedy, pack_row
 from longctx.launch import distributed, run_command, validate
-from longctx.modeling import build_model, hf_folder_args, step_context
+from longctx.modeling import build_model, hf_folder_args
 from longctx.parallelisms.context_parallel import unshard_row
+from longctx.parallelisms.settings import forward_context, loss_context
 from longctx.recipes.policy import EXTRA_FIELDS
 
 
@@ -54,11 +55,11 @@ def check_output(path: str) -> None:
 
 
 @torch.no_grad()
-def score_row(model, recipe, row: dict, parallel_dims, job_config, device) -> torch.Tensor:
+def score_row(model, recipe, row: dict, parallel_dims, settings, device) -> torch.Tensor:
     """log p(label) over the whole row [T]: each cp rank scores its tokens, then they are gathered
     and put back in token order (cp ranks hold head-tail chunks when the sequence is sharded)."""
     batch = parallel_dims.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()})
-    with step_context(parallel_dims, job_config):
+    with loss_context(settings), forward_context(settings, device.type):
         local = recipe.token_logprobs(model, batch)[0]  # [T/cp]
     if parallel_dims.cp == 1:
         return local
@@ -69,9 +70,9 @@ def score_row(model, recipe, row: dict, parallel_dims, job_config, device) -> to
 
 def compute_logprobs(job_config, job, rollouts: list[dict], device) -> dict[int, list[float]]:
     """{rollout index: response log-probs} for the rows of this rank's dp group (a process group must exist)."""
-    spec, model_args, parallel_dims, recipe = job.spec, job.model_args, job.parallel_dims, job.recipe
+    spec, model_args, parallel_dims, recipe, settings = job
     # The run's own step (checkpoint.enable) is read like any model-only checkpoint: no optimizer.
-    model = build_model(spec, model_args, parallel_dims, job_config, device, weight_source(job_config).model_only())
+    model = build_model(spec, model_args, parallel_dims, settings, device, weight_source(job_config).model_only())
     segments = [recipe.encode(rollout) for rollout in rollouts]
     row_len = max([job_config.training.seq_len] + [len(s[0]) for s in segments])
     padded_len = parallel_dims.padded_len(row_len)
@@ -83,7 +84,7 @@ def compute_logprobs(job_config, job, rollouts: list[dict], device) -> dict[int,
     for first in range(0, len(rows), dp):
         indices = rows[first + dp_rank] if first + dp_rank < len(rows) else []
         row = pack_row([segments[i] for i in indices], padded_len, recipe.pad_id, EXTRA_FIELDS)
-        logprobs = score_row(model, recipe, row, parallel_dims, job_config, device)
+        logprobs = score_row(model, recipe, row, parallel_dims, settings, device)
         response = logprobs[row["labels"] != IGNORE_INDEX].tolist()  # response tokens, rollout after rollout
         for i in indices:
             n = sum(label != IGNORE_INDEX for label in segments[i][1])

@@ -167,11 +167,11 @@ def save_heat_map(path: str, accuracy: dict, lengths: list[int], depths: list[fl
 
 def evaluate(job_config, job, args, device) -> dict | None:
     """Both evaluations; the results on rank 0, None elsewhere (a process group must exist)."""
-    spec, model_args, parallel_dims, recipe = job.spec, job.model_args, job.parallel_dims, job.recipe
+    spec, model_args, parallel_dims, recipe, settings = job
     if parallel_dims.tp > 1:
         raise ConfigError("eval_long.py runs dp and cp layouts; use parallelism.context_parallel_degree to split long rows")
     # With checkpoint.enable, the run's own latest (or load_step) checkpoint, weights only.
-    model = build_model(spec, model_args, parallel_dims, job_config, device, weight_source(job_config).model_only()).eval()
+    model = build_model(spec, model_args, parallel_dims, settings, device, weight_source(job_config).model_only()).eval()
     rows = corpus_rows(recipe, args.length, args.rows)
     rng = random.Random(args.seed)
     cells = [(n, d, rng.randrange(10000, 100000)) for n in args.passkey_lengths for d in args.depths for _ in range(args.trials)]

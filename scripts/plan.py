@@ -12,12 +12,12 @@ planned-vs-measured table of docs/performance.md (scripts/bench_memory.py measur
 import argparse
 import dataclasses
 
-from longctx.base import ConfigError
 from longctx.config import parse_config
-from longctx.launch import run_command
+from longctx.launch import auto_candidates, model_settings, run_command
 from longctx.modeling import model_spec_and_args
 from longctx.parallelisms.parallel_dims import ParallelDims
-from longctx.planner.memory import GIB, largest_term, layout_from_config, longest_seq, plan_memory
+from longctx.planner.auto import MARGIN
+from longctx.planner.memory import GIB, largest_term, layout_for, longest_seq, plan_memory
 
 
 def parse_args(argv: list[str]):
@@ -27,30 +27,42 @@ def parse_args(argv: list[str]):
     p.add_argument("--gpu-mem-gib", type=float, default=140.0, help="device memory per GPU (H200: 140; H100: 79)")
     p.add_argument("--host-mem-gib", type=float, default=1800.0, help="host memory per node")
     p.add_argument("--gpus-per-host", type=int, default=8, help="GPUs sharing one node's host memory")
+    p.add_argument("--explain", action="store_true",
+                   help="with activation_checkpoint.mode auto: the fastest fit (or smallest peak) of every memory feature set")
     return p.parse_known_args(argv)
 
 
-def layout_for(config_args: list[str], ngpu: int):
+def plan_job(config_args: list[str], ngpu: int, gpu_bytes: float):
+    """The job's model, mesh, settings (auto's choice under activation_checkpoint.mode = "auto",
+    within gpu_bytes less auto.MARGIN) and the planner's layout of them, as on the GPUs."""
     job_config = parse_config(config_args)
     _, model_args = model_spec_and_args(job_config)
-    p = job_config.parallelism
-    try:
-        dims = ParallelDims(dp_replicate=p.data_parallel_replicate_degree, dp_shard=p.data_parallel_shard_degree,
-                            cp=p.context_parallel_degree, tp=p.tensor_parallel_degree, world_size=ngpu,
-                            cp_ulysses=p.context_parallel_ulysses_degree).for_heads(model_args.n_heads, model_args.n_kv_heads)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return job_config, model_args, layout_from_config(job_config, dims)
+    dims = ParallelDims.from_config(job_config.parallelism, ngpu, model_args.n_heads, model_args.n_kv_heads)
+    settings = model_settings(job_config, model_args, dims, device_type="cuda", budget_bytes=gpu_bytes * (1 - MARGIN))
+    training = job_config.training
+    layout = layout_for(settings, dims, training.seq_len, training.local_batch_size, job_config.recipe.loss_chunk_size)
+    return job_config, model_args, dims, settings, layout
 
 
-def report(job_config, model_args, layout, args) -> None:
+def explain(job_config, model_args, dims, gpu_bytes: float) -> None:
+    """What auto weighed: per memory feature set, its fastest block mix that fits (or its smallest peak)."""
+    base = model_settings(job_config, model_args, dims, device_type="cuda", budget_bytes=gpu_bytes)
+    table = auto_candidates(job_config, model_args, dims, base, gpu_bytes * (1 - MARGIN))
+    print(f"auto: the fastest settings whose planned peak fits {gpu_bytes * (1 - MARGIN) / GIB:.1f} GiB "
+          f"({gpu_bytes / GIB:g} less {MARGIN:.0%}); estimated step time ranks them")
+    print(f"  {'peak GiB':>9} {'est. s':>8}  settings")
+    for choice in table:
+        mark = "" if choice.peak <= gpu_bytes * (1 - MARGIN) else "  (does not fit)"
+        print(f"  {choice.peak / GIB:>9.1f} {choice.seconds:>8.3f}  {choice.settings.describe()}{mark}")
+
+
+def report(job_config, model_args, settings, layout, args) -> None:
     device, host = plan_memory(model_args, layout)
     gpu_budget, host_budget = args.gpu_mem_gib * GIB, args.host_mem_gib * GIB
     gpus_per_host = min(args.ngpu, args.gpus_per_host)
     print(f"{job_config.model.name} {job_config.model.flavor}: {model_args.num_params() / 1e9:.2f}B params | "
           f"seq_len {layout.seq_len} x batch {layout.batch} | {args.ngpu} GPU: dp_shard {layout.dp_shard} cp {layout.cp} "
-          f"tp {layout.tp} | AC {layout.ac}, activation offload {layout.activation_offload}, mlp tiles "
-          f"{layout.mlp_chunk or 'off'}, fp32 state on host {layout.cpu_offload}")
+          f"tp {layout.tp} | {settings.describe()}")
     for name, size in device.items():
         print(f"  {name:<28}{size / GIB:>9.2f} GiB" + ("" if name != "peak" else f"   (budget {args.gpu_mem_gib:g})"))
     for name, size in host.items():
@@ -72,8 +84,10 @@ def report(job_config, model_args, layout, args) -> None:
 
 def main(argv: list[str]) -> None:
     args, config_args = parse_args(argv)
-    job_config, model_args, layout = layout_for(config_args, args.ngpu)
-    report(job_config, model_args, layout, args)
+    job_config, model_args, dims, settings, layout = plan_job(config_args, args.ngpu, args.gpu_mem_gib * GIB)
+    if args.explain and job_config.activation_checkpoint.mode == "auto":
+        explain(job_config, model_args, dims, args.gpu_mem_gib * GIB)
+    report(job_config, model_args, settings, layout, args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from longctx.parallelisms.activation_checkpoint import apply_ac
 from tests.conftest import assert_rel_close, randomize_parameters
 from tests.test_models import grads, pack, sum_ce, tiny_args
 
-MODES = {"full": ("full", "1"), "every 2nd block": ("selective", "2"), "op": ("selective", "op")}
+# One mode per block (parallelisms/settings.py BLOCK_MODES), as the config's modes and auto's mixes give them.
+MODES = {"full": ("full",) * 4, "every 2nd block": ("full", "none") * 2, "op": ("op",) * 4,
+         "mixed": ("full", "op", "none", "op")}
 
 
 class CountAttentionForwards(TorchDispatchMode):
@@ -37,10 +39,10 @@ def test_checkpointing_keeps_gradients_and_op_mode_skips_attention_recompute(pac
     sum_ce(reference(tokens, positions, doc_ids), labels).backward()
 
     recomputed = {}
-    for label, (mode, option) in MODES.items():
+    for label, checkpointing in MODES.items():
         model = copy.deepcopy(reference)
         model.zero_grad()
-        apply_ac(model, mode, option)
+        apply_ac(model, checkpointing, modes=("op", "full"))
         loss = sum_ce(model(tokens, positions, doc_ids), labels)
         with CountAttentionForwards() as counter:
             loss.backward()
@@ -48,5 +50,5 @@ def test_checkpointing_keeps_gradients_and_op_mode_skips_attention_recompute(pac
         for name, g in grads(model).items():
             assert_rel_close(g, reference.get_parameter(name.replace("._checkpoint_wrapped_module", "")).grad,
                              1e-6, f"{label}: gradient of {name}")
-    # Backward re-runs the attention forward of each checkpointed block, except under "op".
-    assert recomputed == {"full": 4, "every 2nd block": 2, "op": 0}
+    # Backward re-runs the attention forward of each "full" block, never of an "op" one.
+    assert recomputed == {"full": 4, "every 2nd block": 2, "op": 0, "mixed": 1}

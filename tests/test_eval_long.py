@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from longctx.base import IGNORE_INDEX
+from longctx.checkpoint.source import weight_source
 from longctx.launch import validate
 from longctx.modeling import build_model
 from scripts import eval_long
@@ -38,7 +39,7 @@ def test_bucket_edges():
 
 
 def test_passkey_row_hides_the_key_at_its_depth():
-    tokenizer = validate(eval_long.parse_args(ARGS)[1])[3].tokenizer
+    tokenizer = validate(eval_long.parse_args(ARGS)[1]).recipe.tokenizer
     needle = tokenizer.encode(eval_long.NEEDLE.format(key=12345))
     starts = []
     for depth in (0.0, 0.5, 1.0):
@@ -55,8 +56,8 @@ def test_numbers_equal_a_direct_computation(one_process):
     results, printed, out = one_process
     args, job_config = eval_long.parse_args(ARGS)
     with one_rank():
-        spec, model_args, parallel_dims, recipe = validate(job_config)
-        model = build_model(spec, model_args, parallel_dims, job_config, torch.device("cpu")).eval()
+        spec, model_args, parallel_dims, recipe, settings = validate(job_config)
+        model = build_model(spec, model_args, parallel_dims, settings, torch.device("cpu"), weight_source(job_config)).eval()
         rows = eval_long.corpus_rows(recipe, LENGTH, 2)
         with torch.no_grad():
             logprobs = torch.stack([model(torch.tensor([t])).log_softmax(-1)[0].gather(-1, torch.tensor(l)[:, None])[:, 0]

@@ -11,13 +11,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from longctx.models.common.decoder import Decoder, FeedForward
 from longctx.models.qwen3 import QWEN3_FLAGS
-from longctx.parallelisms.activation_checkpoint import apply_ac, apply_activation_offload, apply_mlp_tiling, blocks_to_checkpoint
+from longctx.parallelisms.activation_checkpoint import apply_ac, apply_activation_offload, apply_mlp_tiling
 from tests.conftest import assert_rel_close, randomize_parameters
 from tests.distributed_harness import run_on_ranks
 from tests.test_models import grads, pack, sum_ce, tiny_args
 from tests.test_parallel import assert_matches_reference, one_process_references, overrides, train_layouts
 
-MODES = {"full": ("full", "1"), "every 2nd block": ("selective", "2"), "op": ("selective", "op")}
+MODES = {"full": ("full",) * 4, "every 2nd block": ("full", "none") * 2, "op": ("op",) * 4,
+         "mixed": ("full", "op", "none", "op")}
 
 
 class LargestMatmul(TorchDispatchMode):
@@ -63,23 +64,24 @@ def test_offload_and_tiling_keep_gradients(packed):
     doc_ids = doc_ids if packed else None
     ref_loss = sum_ce(reference(tokens, positions, doc_ids), labels)
     ref_loss.backward()
-    for label, (mode, option) in MODES.items():
+    for label, checkpointing in MODES.items():
         model = copy.deepcopy(reference)
         model.zero_grad()
         apply_mlp_tiling(model, 5)
-        apply_ac(model, mode, option)
-        apply_activation_offload(model, mode, option)
+        apply_ac(model, checkpointing, modes=("op", "full"))
+        apply_activation_offload(model, checkpointing)
+        checkpointed = [i for i, mode in enumerate(checkpointing) if mode != "none"]
         inputs = []  # weak references: the device copy of each block input must be freed after forward
         for block in model.layers.values():
             block.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
         loss = sum_ce(model(tokens, positions, doc_ids), labels)
         gc.collect()
         kept = [i for i, ref in enumerate(inputs) if ref() is not None]
-        assert set(kept) <= set(range(4)) - set(blocks_to_checkpoint(mode, option, 4)), f"{label}: inputs {kept} stayed"
+        assert set(kept) <= set(range(4)) - set(checkpointed), f"{label}: inputs {kept} stayed"
         # Each checkpointed block's input went to the host: one parked copy per such block.
         offload = model.layers["0"]._activation_offload
         parked = [ref() for ref in offload.pending]
-        assert len(parked) == len(blocks_to_checkpoint(mode, option, 4)), label
+        assert len(parked) == len(checkpointed), label
         assert all(copy_.host.shape == (1, 32, 48) for copy_ in parked), label
         loss.backward()
         assert not offload.pending, f"{label}: backward left copies unreloaded"

@@ -40,7 +40,7 @@ def test_parameter_counts_match_the_built_model(args):
 def test_state_and_activation_terms_by_hand():
     a, seq = QWEN3_06B, 131072
     n = a.num_params()
-    terms, host = plan_memory(a, Layout(seq_len=seq, dp_shard=2, cp=2, ac="full"))
+    terms, host = plan_memory(a, Layout(seq_len=seq, dp_shard=2, cp=2, checkpointing="full"))
     assert terms["fp32 weights"] == 4 * n // 4 and terms["AdamW state"] == 8 * n // 4 and not host
     # 28 block inputs of seq / cp tokens, bf16.
     assert terms["checkpointed activations"] == 28 * (seq // 2) * 1024 * 2
@@ -48,7 +48,7 @@ def test_state_and_activation_terms_by_hand():
     assert plan_memory(a, Layout(seq_len=seq, reshard_after_forward=False))[0]["gathered bf16 weights"] == 2 * n
     assert terms["gathered bf16 weights"] == 2 * (root_params(a) + 2 * block_params(a))
 
-    offloaded, host = plan_memory(a, Layout(seq_len=seq, dp_shard=2, cp=2, ac="full", cpu_offload=True,
+    offloaded, host = plan_memory(a, Layout(seq_len=seq, dp_shard=2, cp=2, checkpointing="full", cpu_offload=True,
                                             activation_offload=True))
     assert offloaded["fp32 weights"] == offloaded["AdamW state"] == 0
     assert host["fp32 weights"] + host["AdamW state"] + host["fp32 grads"] == 16 * n // 4
@@ -59,14 +59,14 @@ def test_state_and_activation_terms_by_hand():
 
 def test_tiling_removes_hidden_wide_activations():
     a, seq = QWEN3_06B, 65536
-    whole = plan_memory(a, Layout(seq_len=seq, ac="none"))[0]
-    tiled = plan_memory(a, Layout(seq_len=seq, ac="none", mlp_chunk=4096))[0]
+    whole = plan_memory(a, Layout(seq_len=seq, checkpointing="none"))[0]
+    tiled = plan_memory(a, Layout(seq_len=seq, checkpointing="none", mlp_chunk=4096))[0]
     # 4 hidden-wide bf16 values per token per block are no longer saved.
     assert whole["checkpointed activations"] - tiled["checkpointed activations"] == 28 * seq * 4 * 3072 * 2
 
 
 def test_longest_seq_is_the_last_length_that_fits():
-    layout = Layout(seq_len=0, ac="full")
+    layout = Layout(seq_len=0, checkpointing="full")
     budget = 40 * GIB
     longest = longest_seq(QWEN3_06B, layout, budget, 1e15, 1)
     assert longest % 1024 == 0 and longest > 0
@@ -106,7 +106,7 @@ def test_end_of_backward_holds_every_gradient():
     # 4B at 16K under full AC: the peak is block 0's backward, with every fp32 gradient already
     # reduced, one block input left and the root's bf16 gradient awaiting its reduce-scatter.
     a = qwen3_flavors["4B"]
-    t = plan_memory(a, Layout(seq_len=16384, ac="full"))[0]
+    t = plan_memory(a, Layout(seq_len=16384, checkpointing="full"))[0]
     state = t["fp32 weights"] + t["AdamW state"] + t["fp32 grads"]
     end = (state + t["gathered bf16 weights"] + t["communication buffers"] + t["one block's backward"]
            + 16384 * a.dim * 2 + t["RoPE tables"] + 2 * root_params(a) + t["fixed overhead"])
@@ -135,14 +135,14 @@ def test_block_backward_peaks_in_its_larger_phase():
     # outweigh the attention phase (28,736: the same heads as 0.6B).
     big = qwen3_flavors["1.7B"]
     attention_saved, mlp_saved = saved_per_token(big, Layout(seq_len=seq))
-    whole = plan_memory(big, Layout(seq_len=seq, ac="full"))[0]["one block's backward"]
+    whole = plan_memory(big, Layout(seq_len=seq, checkpointing="full"))[0]["one block's backward"]
     assert mlp_saved == 4 * 6144 and whole == int(seq * (attention_saved + mlp_saved) * 2 + seq * 3 * big.dim * 2)
     # 0.6B: even its whole MLP (4 x 3072 bf16 per token) is smaller than the attention phase, and
     # tiled its values are smaller still: the attention kernel's phase sets the block's peak.
     in_flight = seq * 3 * a.dim * 2
     attention_saved = saved_per_token(a, Layout(seq_len=seq))[0]
     attention_phase = int(seq * attention_saved * 2 + in_flight + seq * 28736)
-    assert plan_memory(a, Layout(seq_len=seq, ac="full"))[0]["one block's backward"] == attention_phase
-    tiled = plan_memory(a, Layout(seq_len=seq, ac="full", mlp_chunk=16384))[0]["one block's backward"]
+    assert plan_memory(a, Layout(seq_len=seq, checkpointing="full"))[0]["one block's backward"] == attention_phase
+    tiled = plan_memory(a, Layout(seq_len=seq, checkpointing="full", mlp_chunk=16384))[0]["one block's backward"]
     assert saved_per_token(a, Layout(seq_len=seq, mlp_chunk=16384))[1] == 0
     assert tiled == attention_phase

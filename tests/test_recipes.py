@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from longctx import train
 from longctx.base import IGNORE_INDEX, DataError
+from longctx.checkpoint.source import weight_source
 from longctx.config import parse_config
 from longctx.data.loader import RowLength
 from longctx.data.packing import PackedStream, collate, pack_row
@@ -234,8 +235,8 @@ def test_policy_loss_and_grads_match_direct_computation(hf_dir, tmp_path):
     path = write_jsonl(tmp_path / "rollouts.jsonl", rollouts)
     job_config = parse_config(policy_args(hf_dir, path) + ["--training.seq_len", "256", "--recipe.loss_chunk_size", "32"])
     with one_rank():
-        spec, model_args, parallel_dims, recipe = validate(job_config)
-        model = build_model(spec, model_args, parallel_dims, job_config, torch.device("cpu"))
+        spec, model_args, parallel_dims, recipe, settings = validate(job_config)
+        model = build_model(spec, model_args, parallel_dims, settings, torch.device("cpu"), weight_source(job_config))
     batch = collate([pack_row([recipe.encode(r) for r in rollouts], 256, recipe.pad_id, EXTRA_FIELDS)])
     loss_sum, metric_sums = recipe.loss_sum(model, batch)
     n_tokens = (batch["labels"] != IGNORE_INDEX).sum()

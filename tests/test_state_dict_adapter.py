@@ -11,7 +11,7 @@ from longctx.models import MODELS
 from longctx.models.common.args import DecoderArgs
 from longctx.models.common.decoder import Decoder
 from longctx.models.common.state_dict_adapter import strip_wrappers
-from longctx.parallelisms.activation_checkpoint import apply_ac
+from longctx.parallelisms.activation_checkpoint import apply_ac, block_checkpointing
 from longctx.parallelisms.compile import apply_compile
 from tests.conftest import randomize_parameters
 
@@ -44,7 +44,7 @@ def test_strip_wrappers(fqn, expected):
 def wrap_with_parallelisms(model: Decoder, ac_mode: str) -> None:
     """The order of parallelize_decoder: compile each block, then checkpoint-wrap it."""
     apply_compile(model)
-    apply_ac(model, ac_mode, "2")
+    apply_ac(model, block_checkpointing(ac_mode, "2", len(model.layers)), modes=("full",))
     blocks = list(model.layers.values())
     # The wrappers really are there, or the test would compare a model with itself.
     assert any(hasattr(b, "_checkpoint_wrapped_module") for b in blocks)

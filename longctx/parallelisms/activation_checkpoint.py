@@ -1,11 +1,14 @@
-"""Activation checkpointing of transformer blocks.
+"""Activation checkpointing, per transformer block (parallelisms/settings.py BLOCK_MODES), activation
+offload and the tiled MLP.
 
-- "full": every block keeps only its input and recomputes the rest in backward.
-- "selective" with N: every N-th block as in "full", the others keep everything.
-- "selective" with "op": every block recomputes everything EXCEPT the attention kernel and the
-  context-parallel collectives (all-to-alls, K/V all-gather), whose outputs it keeps. Backward then repeats neither the
-  O(T^2) kernel nor any communication, for T x (H x D + H) more values per block than "full"
+- "full": the block keeps only its input and recomputes the rest in backward.
+- "op": the block recomputes everything EXCEPT the attention kernel and the context-parallel
+  collectives (all-to-alls, K/V all-gather), whose outputs it keeps. Backward then repeats neither
+  the O(T^2) kernel nor any communication, for T x (H x D + H) more values per block than "full"
   (attention output and log-sum-exp): the long-context setting whenever that memory fits.
+- "none": the block keeps everything.
+The config's activation_checkpoint.mode gives every block the same mode (or every N-th "full");
+"auto" lets the planner mix them (planner/auto.py).
 """
 
 import contextlib
@@ -33,41 +36,41 @@ _KEEP_OPS = {
 }
 
 
-def is_per_op(mode: str, selective_option: str) -> bool:
-    return mode == "selective" and selective_option == "op"
-
-
-def blocks_to_checkpoint(mode: str, selective_option: str, n_layers: int) -> list[int]:
+def block_checkpointing(mode: str, selective_option: str, n_layers: int) -> tuple[str, ...]:
+    """activation_checkpoint.mode and selective_ac_option as one mode per block (settings.BLOCK_MODES):
+    "none", "full", "selective" with "op" (every block "op") or with N (every N-th block "full",
+    the others "none")."""
     if mode not in AC_MODES:
         raise ConfigError(f"activation_checkpoint.mode={mode!r}; choose one of {AC_MODES}")
-    if mode == "none":
-        return []
-    if mode == "full" or is_per_op(mode, selective_option):
-        return list(range(n_layers))
+    if mode != "selective":
+        return (mode,) * n_layers
+    if selective_option == "op":
+        return ("op",) * n_layers
     if not selective_option.isdigit() or int(selective_option) < 1:
         raise ConfigError(
             f"activation_checkpoint.selective_ac_option={selective_option!r}; "
             f"give N >= 1 to checkpoint every N-th block, or 'op' to keep only attention outputs"
         )
     every = int(selective_option)
-    return [i for i in range(n_layers) if i % every == 0]
+    return tuple("full" if i % every == 0 else "none" for i in range(n_layers))
 
 
 def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _KEEP_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_ac(model: nn.Module, mode: str, selective_option: str) -> None:
-    """Wrap blocks in checkpoint_wrapper. Whole-block modes wrap compiled blocks (wrapping first
-    and then compiling fails under tensor parallel: DeviceMesh in saved tensors, docs/design.md);
-    "op" must be wrapped BEFORE compile, because under compile the partitioner applies its
-    policy (a compiled block's recompute would bypass it)."""
-    policy = {}
-    if is_per_op(mode, selective_option):
-        policy["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
-    for i in blocks_to_checkpoint(mode, selective_option, len(model.layers)):
-        name = str(i)
-        model.layers.register_module(name, checkpoint_wrapper(model.layers[name], preserve_rng_state=False, **policy))
+def apply_ac(model: nn.Module, checkpointing: tuple[str, ...], modes: tuple[str, ...]) -> None:
+    """Wrap the blocks whose mode is in `modes` in checkpoint_wrapper ("op" with its selective
+    policy). parallelize_decoder calls it twice: "op" blocks BEFORE compile, because under compile
+    the partitioner applies their policy (a compiled block's own recompute would bypass it); "full"
+    blocks AFTER compile, because wrapping first and then compiling fails under tensor parallel
+    (DeviceMesh in saved tensors, docs/design.md)."""
+    per_op = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
+    for i, mode in enumerate(checkpointing):
+        if mode in modes:
+            name = str(i)
+            policy = {"context_fn": per_op} if mode == "op" else {}
+            model.layers.register_module(name, checkpoint_wrapper(model.layers[name], preserve_rng_state=False, **policy))
 
 
 class _HostCopy:
@@ -172,10 +175,12 @@ def _offloading_class(cls: type) -> type:
     return type(f"Offloaded{cls.__name__}", (cls,), {"__call__": __call__})
 
 
-def apply_activation_offload(model: nn.Module, mode: str, selective_option: str) -> None:
+def apply_activation_offload(model: nn.Module, checkpointing: tuple[str, ...]) -> None:
     """Park the inputs of the checkpointed blocks in host memory (after apply_ac and compile)."""
     offload = ActivationOffload()
-    for i in blocks_to_checkpoint(mode, selective_option, len(model.layers)):
+    for i, mode in enumerate(checkpointing):
+        if mode == "none":
+            continue
         block = model.layers[str(i)]
         block._activation_offload = offload
         block.__class__ = _offloading_class(type(block))

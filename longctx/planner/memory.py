@@ -19,9 +19,12 @@ docs/performance.md says how close that is. Counts are in elements; `bf16` activ
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from longctx.models.common.args import DecoderArgs
+from longctx.parallelisms.parallel_dims import ParallelDims
+from longctx.parallelisms.settings import ModelSettings
 from longctx.parallelisms.ulysses import kv_heads_to_send
 
 GIB = 2**30
@@ -33,35 +36,39 @@ FIXED_OVERHEAD_BYTES = int(0.5 * GIB)
 
 @dataclass(frozen=True)
 class Layout:
-    """What the job config decides about memory (see `layout_from_config`)."""
+    """What decides one GPU's memory: the row, the parallel degrees and the model settings
+    (parallelisms/settings.py), flat. `layout_for` builds it from what a job decided."""
 
-    seq_len: int
+    seq_len: int  # padded (ParallelDims.padded_len)
     batch: int = 1
     dp_shard: int = 1  # FSDP shards over dp_shard x cp ranks
     cp: int = 1
     cp_shard: int = 1  # cp = cp_shard (sequence shard, K/V all-gathered) x Ulysses
     tp: int = 1
-    ac: str = "full"  # "none", "full", "op" (selective per-op) or "selective" (every ac_every-th block)
-    ac_every: int = 1
-    cpu_offload: bool = False  # training.enable_cpu_offload: fp32 state on the host
-    activation_offload: bool = False  # activation_checkpoint.cpu_offload
+    checkpointing: str | tuple[str, ...] = "full"  # settings.BLOCK_MODES per block, or one mode for every block
+    cpu_offload: bool = False  # fp32 state on the host
+    activation_offload: bool = False
     mlp_chunk: int = 0
+    attention_groups: int = 1
     loss_chunk: int = 4096
+    fsdp: bool = True  # False: one rank under autocast, every weight's bf16 copy live from forward to backward
     reshard_after_forward: bool = True
     compile: bool = True
     act_bytes: int = 2  # bf16 compute (CPU runs: fp32)
 
+    def block_modes(self, n_layers: int) -> tuple[str, ...]:
+        return (self.checkpointing,) * n_layers if isinstance(self.checkpointing, str) else self.checkpointing
 
-def layout_from_config(job_config, parallel_dims) -> Layout:
-    ac, training, p = job_config.activation_checkpoint, job_config.training, job_config.parallelism
-    mode = "op" if (ac.mode == "selective" and ac.selective_ac_option == "op") else ac.mode
+
+def layout_for(settings: ModelSettings, parallel_dims: ParallelDims, seq_len: int, batch: int, loss_chunk: int) -> Layout:
+    """The layout of a job's settings on its mesh, for rows of seq_len tokens (padded here)."""
     return Layout(
-        seq_len=parallel_dims.padded_len(training.seq_len), batch=training.local_batch_size,
-        dp_shard=parallel_dims.dp_shard, cp=parallel_dims.cp, cp_shard=parallel_dims.cp_shard, tp=parallel_dims.tp, ac=mode,
-        ac_every=int(ac.selective_ac_option) if mode == "selective" else 1,
-        cpu_offload=training.enable_cpu_offload, activation_offload=ac.cpu_offload, mlp_chunk=ac.mlp_chunk_size,
-        loss_chunk=job_config.recipe.loss_chunk_size, reshard_after_forward=p.fsdp_reshard_after_forward != "never",
-        compile=job_config.compile.enable, act_bytes=2 if training.mixed_precision_param == "bfloat16" else 4,
+        seq_len=parallel_dims.padded_len(seq_len), batch=batch, dp_shard=parallel_dims.dp_shard, cp=parallel_dims.cp,
+        cp_shard=parallel_dims.cp_shard, tp=parallel_dims.tp, checkpointing=settings.checkpointing,
+        cpu_offload=settings.cpu_offload, activation_offload=settings.activation_offload, mlp_chunk=settings.mlp_chunk,
+        attention_groups=settings.attention_groups, loss_chunk=loss_chunk, fsdp=settings.fsdp,
+        reshard_after_forward=settings.reshard_after_forward, compile=settings.compile,
+        act_bytes=settings.compute_dtype.itemsize,
     )
 
 
@@ -99,14 +106,17 @@ def attention_backward_per_token(a: DecoderArgs, layout: Layout) -> float:
     kv heads than query heads, dk and dv expanded to every query head before each group's sum.
     Under cp each rank attends for as many (token, head) query pairs as it holds tokens x local
     heads (Ulysses trades tokens for heads), against the K/V of its shard's whole row: the kv
-    heads it received, for cp times its local tokens."""
+    heads it received, for cp times its local tokens. With attention in G kv-head groups
+    (models/common/attention.py) the kernel runs group after group: the accumulator, the
+    statistics and the expanded dk/dv are one group's, while dq, dk and dv (the outputs) are whole."""
     b, ulysses = layout.act_bytes, layout.cp // layout.cp_shard
     heads = a.n_heads // layout.tp
     qd = heads * a.head_dim
     kv_heads = kv_heads_to_send(a.n_kv_heads // layout.tp, ulysses) // ulysses
+    groups = math.gcd(layout.attention_groups, kv_heads)
     kvd = layout.cp * kv_heads * a.head_dim
     expanded = 2 * layout.cp * (heads // ulysses) * a.head_dim * b if kv_heads < heads // ulysses else 0
-    return qd * (2 * b + 4) + 4 * heads + 2 * kvd * b + expanded
+    return qd * 2 * b + 2 * kvd * b + (qd * 4 + 4 * heads + expanded) / groups
 
 
 def plan_memory(a: DecoderArgs, layout: Layout) -> tuple[dict[str, int], dict[str, int]]:
@@ -123,22 +133,26 @@ def plan_memory(a: DecoderArgs, layout: Layout) -> tuple[dict[str, int], dict[st
         state = dict.fromkeys(state, 0)
 
     block, root = block_params(a), root_params(a)
-    gathered_blocks = L if not layout.reshard_after_forward else 2  # this block and the prefetched one
-    gathered = b * (root + gathered_blocks * block) // tp  # FSDP2 gathers even on one GPU
-    # Backward: one block's unsharded bf16 gradients and their fp32 copy for the reduce-scatter.
-    comm = (b + 4) * block // tp
+    if layout.fsdp:
+        gathered_blocks = L if not layout.reshard_after_forward else 2  # this block and the prefetched one
+        gathered = b * (root + gathered_blocks * block) // tp  # FSDP2 gathers even on one GPU
+        # Backward: one block's unsharded bf16 gradients and their fp32 copy for the reduce-scatter.
+        comm = (b + 4) * block // tp
+    else:  # autocast: every weight's bf16 copy is saved for backward; one block's bf16 gradients in flight
+        gathered, comm = b * n_params, b * block
 
-    ckpt_blocks = {"none": 0, "full": L, "op": L, "selective": -(-L // layout.ac_every)}[layout.ac]
+    modes = layout.block_modes(L)
+    ckpt_blocks = L - modes.count("none")
     d_local = a.dim / tp  # block inputs are sequence-sharded under tp
     per_ckpt = tokens * d_local
-    if layout.ac == "op":  # attention output and log-sum-exp kept (plus the all-to-all outputs)
-        qd, kvd = a.n_heads * a.head_dim / tp, a.n_kv_heads * a.head_dim / tp
-        per_ckpt += tokens * (qd + a.n_heads / tp * 2 + (2 * qd + 2 * kvd if cp > 1 else 0))
+    # "op" blocks also keep the attention output and log-sum-exp (and under cp the all-to-all outputs)
+    qd, kvd = a.n_heads * a.head_dim / tp, a.n_kv_heads * a.head_dim / tp
+    per_op = per_ckpt + tokens * (qd + a.n_heads / tp * 2 + (2 * qd + 2 * kvd if cp > 1 else 0))
     tiled = 0 < layout.mlp_chunk < tokens
     attention_saved, mlp_saved = saved_per_token(a, layout)
     block_acts = tokens * (attention_saved + mlp_saved)
     ckpt_input = tokens * d_local * b
-    checkpointed = int(ckpt_blocks * per_ckpt * b) + int((L - ckpt_blocks) * block_acts * b)
+    checkpointed = int((modes.count("full") * per_ckpt + modes.count("op") * per_op + modes.count("none") * block_acts) * b)
     if layout.activation_offload:
         host["checkpointed block inputs"] = ckpt_blocks * ckpt_input
         checkpointed -= (ckpt_blocks - 1) * ckpt_input  # the prefetched one is back on the device

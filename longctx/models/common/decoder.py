@@ -27,7 +27,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if 0 < self.chunk_size < x.shape[0] * x.shape[1]:
-            return TiledSwiGLU.apply(x, self.w1.weight, self.w3.weight, self.w2.weight, self.chunk_size)
+            weights = (self.w1.weight, self.w3.weight, self.w2.weight)
+            if torch.is_autocast_enabled(x.device.type):  # autocast does not reach the function's backward: cast here
+                dtype = torch.get_autocast_dtype(x.device.type)
+                x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+            return TiledSwiGLU.apply(x, *weights, self.chunk_size)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -106,6 +110,8 @@ class Decoder(nn.Module):
         # clone(): a compiled block whose first op is a sequence-parallel norm, fed the local view
         # of a RowwiseParallel embedding output, gets a wrong embedding gradient (docs/design.md, traps).
         h = self.tok_embeddings(tokens).clone()
+        if torch.is_autocast_enabled(h.device.type):  # the residual stream in the compute dtype, as under FSDP's bf16 weights
+            h = h.to(torch.get_autocast_dtype(h.device.type))
         rope = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, h.dtype, self.args.rope_scaling)
         cp = self.context_parallel
         chunks = cp.query_chunks(tokens.size(1)) if cp is not None else [(0, tokens.size(1))]

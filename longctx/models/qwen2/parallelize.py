@@ -2,9 +2,10 @@ from torch import nn
 
 from longctx.models.common.parallelize import parallelize_decoder
 from longctx.parallelisms.parallel_dims import ParallelDims
+from longctx.parallelisms.settings import ModelSettings
 from longctx.parallelisms.tensor_parallel import decoder_layer_plan
 
 
-def parallelize_qwen2(model: nn.Module, parallel_dims: ParallelDims, job_config) -> nn.Module:
+def parallelize_qwen2(model: nn.Module, parallel_dims: ParallelDims, settings: ModelSettings) -> nn.Module:
     # The q/k/v biases need no rows of their own: ColwiseParallel shards a bias with its weight.
-    return parallelize_decoder(model, parallel_dims, job_config, decoder_layer_plan())
+    return parallelize_decoder(model, parallel_dims, settings, decoder_layer_plan())

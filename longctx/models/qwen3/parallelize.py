@@ -3,6 +3,7 @@ from torch.distributed.tensor.parallel import SequenceParallel
 
 from longctx.models.common.parallelize import parallelize_decoder
 from longctx.parallelisms.parallel_dims import ParallelDims
+from longctx.parallelisms.settings import ModelSettings
 from longctx.parallelisms.tensor_parallel import decoder_layer_plan
 
 
@@ -13,5 +14,5 @@ def qwen3_layer_plan() -> dict:
     return decoder_layer_plan() | {"attention.q_norm": per_head_norm, "attention.k_norm": per_head_norm}
 
 
-def parallelize_qwen3(model: nn.Module, parallel_dims: ParallelDims, job_config) -> nn.Module:
-    return parallelize_decoder(model, parallel_dims, job_config, qwen3_layer_plan())
+def parallelize_qwen3(model: nn.Module, parallel_dims: ParallelDims, settings: ModelSettings) -> nn.Module:
+    return parallelize_decoder(model, parallel_dims, settings, qwen3_layer_plan())
