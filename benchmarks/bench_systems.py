@@ -115,7 +115,8 @@ def _torchtitan_qwen3():
 class TorchTitan:
     name = "torchtitan"
 
-    def __init__(self, flavor: str, seq: int, device, ac: str, ac_option: str, precision: str = "autocast"):
+    def __init__(self, flavor: str, seq: int, device, ac: str, ac_option: str, precision: str = "autocast",
+                 memory_budget: float = 0.5):
         import copy
 
         from torchtitan.components.loss import build_cross_entropy_loss
@@ -129,6 +130,7 @@ class TorchTitan:
         cfg.compile.enable, cfg.compile.components = True, ["model", "loss"]
         cfg.activation_checkpoint.mode = ac
         cfg.activation_checkpoint.selective_ac_option = ac_option
+        cfg.activation_checkpoint.memory_budget = memory_budget  # mode "memory_budget" only
         model_args = copy.deepcopy(titan_qwen3.qwen3_args[flavor])
         model_args.update_from_config(cfg)
         with torch.device("meta"):

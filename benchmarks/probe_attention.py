@@ -1,8 +1,8 @@
 """Forward + backward speed of each SDPA kernel for causal GQA on this GPU (Qwen3: 16 q / 8 kv heads),
 or with --memory T [T ...] the memory each kernel's backward adds at those lengths.
 
-    python scripts/probe_attention.py
-    python scripts/probe_attention.py --memory 262144 524288 1048576 [--heads 32 8]
+    python benchmarks/probe_attention.py
+    python benchmarks/probe_attention.py --memory 262144 524288 1048576 [--heads 32 8] [--groups 1 8]
 
 What models/common/attention.py's kernel order (SDPA_BACKENDS) rests on; docs/performance.md
 holds the last measurement.
@@ -54,30 +54,29 @@ def probe_attention(device):
                     print(f"{backend.name:<22}{label:<9}{seq:>7}{ms:>9.2f}{flops / ms / 1e9:>9.0f}", flush=True)
                 except RuntimeError as e:
                     print(f"{backend.name:<22}{label:<9}{seq:>7}  unavailable: {str(e).splitlines()[0][:80]}")
-                del q, k, v
+                q = k = v = None
                 free()
 
 
-def probe_backward_memory(device, seqs: list[int], heads: int, kv_heads: int):
-    """Bytes per token that each kernel's backward adds above q, k, v, the output and its
-    statistics: what components/memory_plan.py's attention_backward_per_token models."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def probe_backward_memory(device, seqs: list[int], heads: int, kv_heads: int, groups: list[int]):
+    """Bytes per token that the model's attention kernel (models/common/attention.py, cuDNN first)
+    adds in backward above q, k, v, the output and its statistics, whole and by kv-head group:
+    what planner/memory.py's attention_backward_per_token models."""
+    from longctx.models.common.attention import attention_kernel
 
-    print(f"SDPA causal backward memory, bf16, H={heads} KV={kv_heads} D=128 | {torch.cuda.get_device_name()} | "
+    print(f"attention_kernel causal backward memory, bf16, H={heads} KV={kv_heads} D=128 | {torch.cuda.get_device_name()} | "
           f"torch {torch.__version__}")
-    print(f"{'kernel':<22}{'T':>9}{'fwd B/token':>13}{'bwd B/token':>13}")
+    print(f"{'kv-head groups':<16}{'T':>9}{'fwd B/token':>13}{'bwd B/token':>13}")
     for seq in seqs:
-        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        for group in groups:
             try:
-                q = torch.randn(1, heads, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
-                k, v = (torch.randn(1, kv_heads, seq, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+                q = torch.randn(1, seq, heads, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+                k, v = (torch.randn(1, seq, kv_heads, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
                         for _ in range(2))
                 free()
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
-                with sdpa_kernel([backend]):
-                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                         enable_gqa=kv_heads != heads)
+                out = attention_kernel(q, k, v, None, kv_groups=group)
                 sync(device)
                 fwd = torch.cuda.max_memory_allocated(device) - before
                 held = torch.cuda.memory_allocated(device)  # inputs, output, statistics
@@ -85,9 +84,9 @@ def probe_backward_memory(device, seqs: list[int], heads: int, kv_heads: int):
                 out.backward(torch.ones_like(out))
                 sync(device)
                 bwd = torch.cuda.max_memory_allocated(device) - held
-                print(f"{backend.name:<22}{seq:>9}{fwd / seq:>13.0f}{bwd / seq:>13.0f}", flush=True)
+                print(f"{group:<16}{seq:>9}{fwd / seq:>13.0f}{bwd / seq:>13.0f}", flush=True)
             except RuntimeError as e:
-                print(f"{backend.name:<22}{seq:>9}  failed: {str(e).splitlines()[0][:80]}")
+                print(f"{group:<16}{seq:>9}  failed: {str(e).splitlines()[0][:80]}")
             q = k = v = out = None
             free()
 
@@ -96,8 +95,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--memory", type=int, nargs="+", metavar="T", help="measure backward memory at these lengths instead")
     p.add_argument("--heads", type=int, nargs=2, default=(16, 8), metavar=("Q", "KV"), help="with --memory")
+    p.add_argument("--groups", type=int, nargs="+", default=[1], help="with --memory: kv-head groups to measure")
     args = p.parse_args()
     if args.memory:
-        probe_backward_memory(torch.device("cuda"), args.memory, *args.heads)
+        probe_backward_memory(torch.device("cuda"), args.memory, *args.heads, args.groups)
     else:
         probe_attention(torch.device("cuda"))

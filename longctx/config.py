@@ -99,6 +99,11 @@ class ActivationCheckpoint(TitanActivationCheckpoint):
     """Tokens per tile of the tiled MLP (0: off): the SwiGLU runs over sequence tiles, each
     recomputed in backward, so its [T, hidden_dim] intermediates never exist whole."""
 
+    memory_budget_gib: float = 0.0
+    """mode "auto": the planned peak per GPU may not exceed this many GiB (0: the GPU's memory less
+    10%, the planner's measured accuracy). Leave room for another process on the GPU, or plan for a
+    smaller card than this one."""
+
 
 @dataclass
 class Validation(TitanValidation):

@@ -78,7 +78,8 @@ def model_settings(job_config: JobConfig, model_args: DecoderArgs, parallel_dims
                    device_type: str | None = None, budget_bytes: float | None = None) -> ModelSettings:
     """How the job wraps and runs its model (parallelisms/settings.py), decided here once: from the
     config, or under activation_checkpoint.mode = "auto" the fastest settings the planner fits in
-    budget_bytes (default: this device's memory less planner/auto.MARGIN). device_type: where the
+    budget_bytes (default: activation_checkpoint.memory_budget_gib, else this device's memory less
+    planner/auto.MARGIN). device_type: where the
     run will be (default: this machine's); plan.py plans for "cuda" on a CPU."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     ac, training, p = job_config.activation_checkpoint, job_config.training, job_config.parallelism
@@ -104,7 +105,8 @@ def auto_settings(job_config: JobConfig, model_args: DecoderArgs, parallel_dims:
                   device_type: str, budget_bytes: float | None) -> ModelSettings:
     """planner/auto's choice for this job, sized for its longest row; one log line says it."""
     if budget_bytes is None:
-        budget_bytes = device_memory(device_type) * (1 - auto.MARGIN)
+        configured = job_config.activation_checkpoint.memory_budget_gib
+        budget_bytes = configured * GIB if configured > 0 else device_memory(device_type) * (1 - auto.MARGIN)
     table = auto_candidates(job_config, model_args, parallel_dims, base, budget_bytes)
     best, seq_len = table[0], job_config.training.seq_len
     if best.peak > budget_bytes:
