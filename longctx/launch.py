@@ -1,7 +1,7 @@
 """What every command does before and after its work: the checks before any process group, the
 process group itself, and an exit code that tells the truth on every rank.
 
-    validate(job_config) -> Job        everything refusable, before any process group
+    validate(job_config) -> Job        what needs the model or the data, before any process group
     init_distributed(job_config)       NCCL on GPUs, gloo on CPU, a 1-process group for plain python
     run_command(main)                  exit 0 done, 2 a refused input (one `error:` line), 1 a bug
                                        (its traceback), or main's own code (train.py: 3, a non-finite step)
@@ -18,13 +18,11 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from longctx import profiling, validation
 from longctx.base import ConfigError, DataError, UserError, global_rank
 from longctx.config import JobConfig
 from longctx.modeling import model_spec_and_args
 from longctx.models.common.args import DecoderArgs
 from longctx.models.common.spec import ModelSpec
-from longctx.parallelisms.activation_checkpoint import blocks_to_checkpoint
 from longctx.parallelisms.parallel_dims import ParallelDims
 from longctx.recipes import Recipe, build_recipe
 
@@ -40,23 +38,12 @@ class Job(NamedTuple):
 
 
 def validate(job_config: JobConfig) -> Job:
-    """Everything that can be refused before a process group exists: config, layout, heads, data.
-    Each refusal is a UserError naming the key or file."""
+    """Everything that can be refused before a process group exists and needs the model or the data
+    (config values alone are parse_config's VALUE_RULES): family and flavor, layout against the
+    heads, tokenizer and data. Each refusal is a UserError naming the key or file."""
     spec, model_args = model_spec_and_args(job_config)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     parallel_dims = ParallelDims.from_config(job_config.parallelism, world_size, model_args.n_heads, model_args.n_kv_heads)
-    check_seq_len_schedule(job_config.training, job_config.compile.enable)
-    ac = job_config.activation_checkpoint
-    blocks_to_checkpoint(ac.mode, ac.selective_ac_option, model_args.n_layers)  # refuses a bad mode or option
-    if ac.cpu_offload and ac.mode == "none":
-        raise ConfigError("activation_checkpoint.cpu_offload parks checkpointed block inputs; set activation_checkpoint.mode full or selective")
-    if ac.mlp_chunk_size < 0 or (ac.mlp_chunk_size and parallel_dims.tp > 1):
-        raise ConfigError(f"activation_checkpoint.mlp_chunk_size={ac.mlp_chunk_size}: give 0 (off) or a positive number of "
-                          f"tokens, and 0 under tensor parallel (which already splits the MLP's hidden_dim by tp)")
-    if job_config.training.skip_nonfinite_steps < 0:
-        raise ConfigError(f"training.skip_nonfinite_steps={job_config.training.skip_nonfinite_steps} must be >= 0")
-    validation.check(job_config)
-    profiling.check(job_config)
     recipe = build_recipe(job_config)
     if recipe.vocab_size > model_args.vocab_size:
         raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")
@@ -67,26 +54,6 @@ def validate(job_config: JobConfig) -> Job:
         raise DataError(f"{where}: token id {largest_id} >= the model's vocab_size {model_args.vocab_size}; "
                         "the rollouts were tokenized for another model")
     return Job(spec, model_args, parallel_dims, recipe)
-
-
-def check_seq_len_schedule(training, compiled: bool) -> None:
-    """training.seq_len_schedule: [step, seq_len] pairs from step 0 on, ending at training.seq_len's length."""
-    schedule = training.seq_len_schedule
-    if schedule is None:
-        return
-    shown = f"training.seq_len_schedule={[list(stage) for stage in schedule]}"
-    if not schedule or any(len(stage) != 2 for stage in schedule):
-        raise ConfigError(f"{shown} must be a list of [step, seq_len] pairs, e.g. [[0, 32768], [2000, 65536]]")
-    starts, lengths = [stage[0] for stage in schedule], [stage[1] for stage in schedule]
-    if starts[0] != 0 or any(a >= b for a, b in zip(starts, starts[1:])):
-        raise ConfigError(f"{shown}: steps must start at 0 and increase")
-    if min(lengths) <= 0 or max(lengths) != training.seq_len:
-        raise ConfigError(f"{shown}: lengths must be positive and the largest must equal training.seq_len={training.seq_len}")
-    # Each stage compiles each block once at its own static shapes (parallelisms/compile.py); past
-    # dynamo's recompile limit a block would silently fall back to eager.
-    limit = torch._dynamo.config.recompile_limit
-    if compiled and len(schedule) > limit:
-        raise ConfigError(f"{shown} has {len(schedule)} stages, more than torch.compile recompiles ({limit}); use fewer stages")
 
 
 def free_port() -> int:
