@@ -1,7 +1,7 @@
 """What every command does before and after its work: the checks before any process group, the
 process group itself, and an exit code that tells the truth on every rank.
 
-    validate(job_config) -> Job        everything refusable, before any process group
+    validate(job_config) -> Job        what needs the model or the data, before any process group
     init_distributed(job_config)       NCCL on GPUs, gloo on CPU, a 1-process group for plain python
     run_command(main)                  exit 0 done, 2 a refused input (one `error:` line), 1 a bug
                                        (its traceback), or main's own code (train.py: 3, a non-finite step)
@@ -19,7 +19,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from longctx import profiling, validation
 from longctx.base import ConfigError, DataError, UserError, global_rank, log
 from longctx.config import JobConfig
 from longctx.modeling import model_spec_and_args
@@ -46,22 +45,12 @@ class Job(NamedTuple):
 
 
 def validate(job_config: JobConfig) -> Job:
-    """Everything that can be refused before a process group exists: config, layout, heads, data.
-    Each refusal is a UserError naming the key or file."""
+    """Everything that can be refused before a process group exists and needs the model or the data
+    (config values alone are parse_config's VALUE_RULES): family and flavor, layout against the
+    heads, tokenizer and data. Each refusal is a UserError naming the key or file."""
     spec, model_args = model_spec_and_args(job_config)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     parallel_dims = ParallelDims.from_config(job_config.parallelism, world_size, model_args.n_heads, model_args.n_kv_heads)
-    check_seq_len_schedule(job_config.training, job_config.compile.enable)
-    ac = job_config.activation_checkpoint
-    if ac.cpu_offload and ac.mode == "none":
-        raise ConfigError("activation_checkpoint.cpu_offload parks checkpointed block inputs; set activation_checkpoint.mode full or selective")
-    if ac.mlp_chunk_size < 0 or (ac.mlp_chunk_size and parallel_dims.tp > 1):
-        raise ConfigError(f"activation_checkpoint.mlp_chunk_size={ac.mlp_chunk_size}: give 0 (off) or a positive number of "
-                          f"tokens, and 0 under tensor parallel (which already splits the MLP's hidden_dim by tp)")
-    if job_config.training.skip_nonfinite_steps < 0:
-        raise ConfigError(f"training.skip_nonfinite_steps={job_config.training.skip_nonfinite_steps} must be >= 0")
-    validation.check(job_config)
-    profiling.check(job_config)
     recipe = build_recipe(job_config)
     if recipe.vocab_size > model_args.vocab_size:
         raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")
@@ -79,8 +68,8 @@ def model_settings(job_config: JobConfig, model_args: DecoderArgs, parallel_dims
     """How the job wraps and runs its model (parallelisms/settings.py), decided here once: from the
     config, or under activation_checkpoint.mode = "auto" the fastest settings the planner fits in
     budget_bytes (default: activation_checkpoint.memory_budget_gib, else this device's memory less
-    planner/auto.MARGIN). device_type: where the
-    run will be (default: this machine's); plan.py plans for "cuda" on a CPU."""
+    planner/auto.MARGIN). device_type: where the run will be (default: this machine's); plan.py
+    plans for "cuda" on a CPU."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     ac, training, p = job_config.activation_checkpoint, job_config.training, job_config.parallelism
     cuda = device_type == "cuda"
@@ -93,7 +82,7 @@ def model_settings(job_config: JobConfig, model_args: DecoderArgs, parallel_dims
     settings = ModelSettings(
         checkpointing=("full",) * n_layers if ac.mode == "auto" else block_checkpointing(ac.mode, ac.selective_ac_option, n_layers),
         compile=job_config.compile.enable, compile_backend=job_config.compile.backend, mlp_chunk=ac.mlp_chunk_size,
-        activation_offload=ac.cpu_offload, compute_dtype=compute, fsdp=fsdp,
+        activation_offload=ac.cpu_offload, attention_groups=ac.attention_kv_groups, compute_dtype=compute, fsdp=fsdp,
         reshard_after_forward=p.fsdp_reshard_after_forward != "never", cpu_offload=training.enable_cpu_offload,
         loss_parallel=parallel_dims.tp > 1 and not p.disable_loss_parallel)
     if ac.mode != "auto":
@@ -133,26 +122,6 @@ def device_memory(device_type: str) -> int:
     if device_type == "cuda":
         return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_seq_len_schedule(training, compiled: bool) -> None:
-    """training.seq_len_schedule: [step, seq_len] pairs from step 0 on, ending at training.seq_len's length."""
-    schedule = training.seq_len_schedule
-    if schedule is None:
-        return
-    shown = f"training.seq_len_schedule={[list(stage) for stage in schedule]}"
-    if not schedule or any(len(stage) != 2 for stage in schedule):
-        raise ConfigError(f"{shown} must be a list of [step, seq_len] pairs, e.g. [[0, 32768], [2000, 65536]]")
-    starts, lengths = [stage[0] for stage in schedule], [stage[1] for stage in schedule]
-    if starts[0] != 0 or any(a >= b for a, b in zip(starts, starts[1:])):
-        raise ConfigError(f"{shown}: steps must start at 0 and increase")
-    if min(lengths) <= 0 or max(lengths) != training.seq_len:
-        raise ConfigError(f"{shown}: lengths must be positive and the largest must equal training.seq_len={training.seq_len}")
-    # Each stage compiles each block once at its own static shapes (parallelisms/compile.py); past
-    # dynamo's recompile limit a block would silently fall back to eager.
-    limit = torch._dynamo.config.recompile_limit
-    if compiled and len(schedule) > limit:
-        raise ConfigError(f"{shown} has {len(schedule)} stages, more than torch.compile recompiles ({limit}); use fewer stages")
 
 
 def free_port() -> int:

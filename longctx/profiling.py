@@ -16,23 +16,7 @@ import torch
 import torch.distributed as dist
 from torchtitan.tools.profiling import maybe_enable_memory_snapshot
 
-from longctx.base import ConfigError
 from longctx.config import JobConfig
-
-
-def check(job_config: JobConfig) -> None:
-    """Before any process group: one ConfigError line per bad value."""
-    p = job_config.profiling
-    if not (p.enable_profiling or p.enable_memory_snapshot):
-        return
-    if p.profile_freq < 1:
-        raise ConfigError(f"profiling.profile_freq={p.profile_freq} must be >= 1")
-    if p.enable_profiling and (p.profiler_active < 1 or p.profiler_warmup < 0
-                               or p.profiler_warmup + p.profiler_active > p.profile_freq):
-        raise ConfigError(f"profiling: profiler_warmup={p.profiler_warmup} + profiler_active={p.profiler_active} must fit "
-                          f"in profile_freq={p.profile_freq} steps (active >= 1, warmup >= 0)")
-    if p.enable_memory_snapshot and not torch.cuda.is_available():
-        raise ConfigError("profiling.enable_memory_snapshot records the CUDA caching allocator; this machine has no CUDA device")
 
 
 class Profilers:

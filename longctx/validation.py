@@ -9,32 +9,10 @@ values are comparable from step to step.
 """
 
 import dataclasses
-import os
 
-from torchtitan.config.job_config import DataLoader
-
-from longctx.base import ConfigError
 from longctx.config import JobConfig
 from longctx.data.loader import RowSchedule, StepLoader
 from longctx.recipes import build_recipe
-
-
-def check(job_config: JobConfig) -> None:
-    """Before any process group: one ConfigError line per bad value."""
-    v = job_config.validation
-    if v.dataloader != DataLoader():  # torchtitan's worker-process options: refused, not ignored
-        raise ConfigError("validation.dataloader.* is not supported: validation rows are packed in the training process")
-    if not v.enable:
-        return
-    if not v.dataset_path or not os.path.exists(v.dataset_path):
-        raise ConfigError(f"validation.enable needs validation.dataset_path, a file or folder of held-out documents; "
-                          f"got {v.dataset_path!r}")
-    for key in ("freq", "steps"):
-        if getattr(v, key) < 1:
-            raise ConfigError(f"validation.{key}={getattr(v, key)} must be >= 1")
-    for key in ("local_batch_size", "seq_len"):
-        if getattr(v, key) < 1 and getattr(v, key) != -1:
-            raise ConfigError(f"validation.{key}={getattr(v, key)} must be >= 1 (or -1: the training value)")
 
 
 def held_out_config(job_config: JobConfig) -> JobConfig:

@@ -7,6 +7,7 @@ decide the logits. Parity: 1 rank directly; dp2, cp2 and tp2 through scripts/com
 
 import dataclasses
 import random
+import re
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from longctx.base import ConfigError
 from longctx.checkpoint.hf import export_hf
 from longctx.config import parse_config
 from longctx.data.loader import RowSchedule
-from longctx.launch import check_seq_len_schedule, validate
+from longctx.launch import validate
 from longctx.modeling import hf_folder_args, model_spec_and_args
 from longctx.models import get_model_spec
 from longctx.models.common.args import args_from_hf_config
@@ -113,8 +114,9 @@ def test_toml_rope_scaling_overrides_the_flavor(tmp_path):
     assert args.rope_scaling == RopeScaling("yarn", 4.0, 1024)
     assert get_model_spec("qwen3").flavors["debugmodel"].rope_scaling is None  # the shared flavor is untouched
     for bad, message in [('rope_scaling = {type = "dynamic", factor = 2.0}', "model.rope_scaling: rope scaling type 'dynamic'"),
-                         ('rope_scaling = "yarn"', "model.rope_scaling = 'yarn' does not match its type")]:
-        with pytest.raises(ConfigError, match=message):
+                         ('rope_scaling = "yarn"', "model.rope_scaling='yarn' must be a table"),
+                         ('rope_scaling = {type = "yarn", factor = nan}', "model.rope_scaling.factor=nan must be a finite number >= 1")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
             model_spec_and_args(parse_config(toml_job(tmp_path, bad)))
 
 
@@ -193,18 +195,20 @@ def test_compute_logprobs_matches_transformers_under_dp2_cp2_tp2(tiny_scaled, tm
 
 
 def test_seq_len_schedule_checks_and_stages(tmp_path):
-    def training(schedule, seq_len=128):
-        return parse_config(toml_job(tmp_path, "", f"seq_len = {seq_len}\nseq_len_schedule = {schedule}")).training
+    """The schedule's refusals, on a config through parse_config (more in tests/test_config.py), then its stages."""
+    def training(schedule, seq_len=128, *extra):
+        return parse_config(toml_job(tmp_path, "", f"seq_len = {seq_len}\nseq_len_schedule = {schedule}") + list(extra)).training
 
-    for schedule, message in [("[[1, 64], [4, 128]]", "must start at 0"), ("[[0, 64], [4, 128], [4, 128]]", "increase"),
-                              ("[[0, 64], [4, 100]]", "largest must equal training.seq_len=128"),
-                              ("[[0, 0], [4, 128]]", "positive"), ("[[0, 64, 3]]", "pairs")]:
-        with pytest.raises(ConfigError, match=message):
-            check_seq_len_schedule(training(schedule), compiled=False)
+    for schedule, message in [("[[1, 64], [4, 128]]", "start at 0"), ("[[0, 64], [4, 128], [4, 128]]", "increase"),
+                              ("[[0, 64], [4, 100]]", "largest equals training.seq_len=128"),
+                              ("[[0, 0], [4, 128]]", "lengths are >= 1"), ("[[0, 64, 3]]", "pairs"),
+                              ("[0, 128]", "must be a list of lists of integers")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            training(schedule)
     # One stage more than dynamo's limit as it stands (a script imported elsewhere may have raised it).
     too_many = [[i, 128] for i in range(torch._dynamo.config.recompile_limit + 1)]
-    with pytest.raises(ConfigError, match="more than torch.compile recompiles"):
-        check_seq_len_schedule(training(too_many), compiled=True)
+    with pytest.raises(ConfigError, match="torch.compile's recompile limit"):
+        training(too_many, 128, "--compile.enable")
     staged = RowSchedule.from_training(training("[[0, 30], [3, 64], [5, 128]]"), multiple=4)  # tp2 x cp2
     assert [staged.at(step) for step in (1, 2, 3, 4, 5, 9)] == \
         [(30, 32), (30, 32), (64, 64), (64, 64), (128, 128), (128, 128)]
