@@ -32,13 +32,15 @@ from longctx.metrics import mfu, peak_flops
 # way, "mb<budget>" its memory_budget mode (torch.compile's partitioner keeps that fraction).
 OURS = {"auto": ("auto", "op"), "none": ("none", "op"), "op": ("selective", "op"), "2": ("selective", "2"),
         "full": ("full", "op")}
+
 TITAN = {"none": ("none", "op"), "op": ("selective", "op"), "2": ("selective", "2"), "full": ("full", "op")}
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cells", default="0.6B/8192,0.6B/32768,0.6B/65536,0.6B/131072", help="FLAVOR/SEQ,...")
-    p.add_argument("--ours", default="auto,none,op,full", help=f"ours' settings in order, from {sorted(OURS)}")
+    p.add_argument("--ours", default="auto,none,op,full",
+                   help=f"ours' settings in order, from {sorted(OURS)} (and NAME-fsdp: with FSDP2 on one rank)")
     p.add_argument("--titan", default="none,op,2,mb0.75,mb0.5,mb0.25,full",
                    help=f"torchtitan's settings in order, from {sorted(TITAN)} and mb<budget>")
     p.add_argument("--first-fit", action="store_true", help="stop each system at its first setting that fits")
@@ -53,9 +55,11 @@ def parse_args(argv):
 
 def build(system: str, setting: str, flavor: str, seq: int, args, device):
     if system == "ours":
-        mode, option = OURS[setting]
+        # NAME-fsdp: FSDP2 on a mesh of one, the one-GPU path before this round (it now runs autocast without FSDP)
+        mode, option = OURS[setting.removesuffix("-fsdp")]
         cap = [f"--activation_checkpoint.memory_budget_gib={args.memory_cap_gib * 0.9}"] if args.memory_cap_gib else []
-        return Ours(ours_config(args.config, flavor, seq, mode, option, cap), device)
+        forced = {"fsdp": True} if setting.endswith("-fsdp") else {}
+        return Ours(ours_config(args.config, flavor, seq, mode, option, cap), device, **forced)
     if setting.startswith("mb"):
         return TorchTitan(flavor, seq, device, "memory_budget", "op", memory_budget=float(setting[2:]))
     mode, option = TITAN[setting]
@@ -124,7 +128,7 @@ def summary(cells: dict) -> None:
     print(f"\n{'cell':>15} {'best ours':>10} {'best torchtitan':>16} {'ours/titan':>11} {'auto/best manual':>17}")
     for (flavor, seq), rows in cells.items():
         ours, titan = best([r for r in rows if r["system"] == "ours"]), best([r for r in rows if r["system"] == "torchtitan"])
-        manual = best([r for r in rows if r["system"] == "ours" and not r["setting"].startswith("auto")])
+        manual = best([r for r in rows if r["system"] == "ours" and not r["setting"].startswith("auto") and "-fsdp" not in r["setting"]])
         auto = next((r for r in rows if r["system"] == "ours" and r["setting"].startswith("auto")), None)
         ratio = f"{ours['tokens_per_s'] / titan['tokens_per_s']:.2f}x" if ours and titan else "-"
         auto_ratio = f"{auto['tokens_per_s'] / manual['tokens_per_s']:.3f}" if auto and auto["fits"] and manual else "-"

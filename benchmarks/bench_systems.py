@@ -12,6 +12,7 @@ step (`random_batch(step)`): one repeated batch is memorized within a few steps,
 divergence and flatters the loss.
 """
 
+import dataclasses
 import gc
 import sys
 import tempfile
@@ -41,12 +42,14 @@ def ours_config(config: str, flavor: str, seq: int, ac: str, ac_option: str, ove
 class Ours:
     name = "ours"
 
-    def __init__(self, argv: list[str], device, doc_len: int = 0):
+    def __init__(self, argv: list[str], device, doc_len: int = 0, **settings):
         from torchtitan.components.lr_scheduler import build_lr_schedulers
         from torchtitan.components.optimizer import build_optimizers
 
         self.job_config = parse_config(argv)
         self.job = validate(self.job_config)
+        if settings:  # settings no config key reaches (the bench's FSDP on one rank, to time what it costs)
+            self.job = self.job._replace(settings=dataclasses.replace(self.job.settings, **settings))
         self.spec, self.model_args, self.parallel_dims, self.recipe, self.settings = self.job
         self.device, self.doc_len = device, doc_len
         self.model = build_model(self.spec, self.model_args, self.parallel_dims, self.settings, device,
