@@ -6,6 +6,7 @@ warmup_steps, total_steps, decay_ratio, decay_type, min_lr_factor.
 One optimizer over the whole model and one schedule (torchtitan keeps a list of each, one per
 pipeline stage; there are no stages here)."""
 
+import functools
 import math
 
 import torch
@@ -50,23 +51,26 @@ def build_lr_schedule(optimizer: torch.optim.Optimizer, lr_scheduler_config, tra
         decay = total - warmup
     # torchtitan adds a virtual last step to the stable stretch, so the last step's lr is not 0.
     stable = total + 1 - warmup - decay
+    # A partial, as in torchtitan: LambdaLR saves its (empty) __dict__, so checkpoints keep
+    # torchtitan's keys and those of earlier versions resume.
+    return LambdaLR(optimizer, functools.partial(warmup_stable_decay, warmup=warmup, stable=stable, decay=decay,
+                                                 decay_type=config.decay_type, min_lr_factor=config.min_lr_factor))
 
-    def factor(step: int) -> float:
-        """The multiple of optimizer.lr at 0-based step `step`."""
-        if step < warmup:
-            return (step + 1) / warmup
-        if step < warmup + stable or decay == 0:
-            return 1.0
-        # Past the schedule's end (training.steps raised beyond lr_scheduler.total_steps) the lr
-        # stays at its last value; torchtitan would extrapolate the curve (below min_lr_factor,
-        # or back up a cosine).
-        progress = min((step + 1 - warmup - stable) / decay, 1.0)
-        if config.decay_type == "linear":
-            remaining = 1 - progress
-        elif config.decay_type == "sqrt":
-            remaining = 1 - math.sqrt(progress)
-        else:
-            remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return config.min_lr_factor + (1 - config.min_lr_factor) * remaining
 
-    return LambdaLR(optimizer, factor)
+def warmup_stable_decay(step: int, warmup: int, stable: int, decay: int, decay_type: str, min_lr_factor: float) -> float:
+    """The multiple of optimizer.lr at 0-based step `step`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < warmup + stable or decay == 0:
+        return 1.0
+    # Past the schedule's end (training.steps raised beyond lr_scheduler.total_steps) the lr stays
+    # at its last value; torchtitan would extrapolate the curve (below min_lr_factor, or back up a
+    # cosine).
+    progress = min((step + 1 - warmup - stable) / decay, 1.0)
+    if decay_type == "linear":
+        remaining = 1 - progress
+    elif decay_type == "sqrt":
+        remaining = 1 - math.sqrt(progress)
+    else:
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_factor + (1 - min_lr_factor) * remaining
