@@ -415,6 +415,21 @@ def test_resume_of_another_model_is_refused_and_an_initial_load_may_change_it(dc
     assert sorted(losses(str(tmp_path / "extended"))) == [1]
 
 
+def test_model_only_step_is_not_resumed(dcp_dir, tmp_path, capsys):
+    """A model-only checkpoint copied into the run's checkpoint folder as a step: one line, not a
+    DCP traceback about missing keys."""
+    step = str(tmp_path / "run" / "checkpoint" / "step-2")
+    shutil.copytree(dcp_dir, step)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            convert(train, train_args(dcp_dir, str(tmp_path / "run")))
+    finally:
+        torch.use_deterministic_algorithms(False)  # train.main set it for --debug.deterministic
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert f"error: {step} holds no optimizer, lr_scheduler, dataloader, train_state state, only model weights" in err, err
+
+
 def _read_data_fails_with(error: BaseException):
     def read_data(self, plan, planner):
         raise error
