@@ -27,6 +27,7 @@ from longctx.config import parse_config
 from longctx.launch import validate
 from longctx.modeling import build_model
 from longctx.models.common.args import args_to_hf_config
+from longctx.optim import build_lr_schedule, build_optimizer
 
 SYSTEMS = ("ours", "hf", "torchtitan")
 
@@ -43,9 +44,6 @@ class Ours:
     name = "ours"
 
     def __init__(self, argv: list[str], device, doc_len: int = 0, **settings):
-        from torchtitan.components.lr_scheduler import build_lr_schedulers
-        from torchtitan.components.optimizer import build_optimizers
-
         self.job_config = parse_config(argv)
         self.job = validate(self.job_config)
         if settings:  # settings no config key reaches (the bench's FSDP on one rank, to time what it costs)
@@ -54,15 +52,15 @@ class Ours:
         self.device, self.doc_len = device, doc_len
         self.model = build_model(self.spec, self.model_args, self.parallel_dims, self.settings, device,
                                  weight_source(self.job_config))
-        self.optimizers = build_optimizers([self.model], self.job_config.optimizer, self.parallel_dims)
-        self.lr_schedulers = build_lr_schedulers(self.optimizers, self.job_config.lr_scheduler, 10**6)
+        self.optimizer = build_optimizer(self.model, self.job_config.optimizer)
+        self.lr_schedule = build_lr_schedule(self.optimizer, self.job_config.lr_scheduler, 10**6)
 
     def step(self, inputs, labels) -> float:
         positions = torch.arange(inputs.size(1), device=inputs.device).expand_as(inputs)
         batch = {"input_ids": inputs, "labels": labels, "position_ids": positions}
         if self.doc_len:  # packed documents: per-document positions and mask (flex attention on CUDA)
             batch.update(position_ids=positions % self.doc_len, document_ids=positions // self.doc_len)
-        return train.train_step(self.model, self.job, [batch], self.optimizers, self.lr_schedulers, self.job_config,
+        return train.train_step(self.model, self.job, [batch], self.optimizer, self.lr_schedule, self.job_config,
                                 self.device).loss.item()
 
 

@@ -1,4 +1,5 @@
-"""Per-step metrics: a console line, <dump_folder>/metrics.jsonl, and TensorBoard (torchtitan's writer)."""
+"""Per-step metrics: a console line, <dump_folder>/metrics.jsonl, and TensorBoard (one scalar per
+record key, tagged with the key, in <dump_folder>/<metrics.save_tb_folder>)."""
 
 import contextlib
 import json
@@ -7,7 +8,7 @@ import resource
 import time
 
 import torch
-from torchtitan.components.metrics import TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
 
 # Dense bf16 tensor-core peaks (no 2:4 sparsity), from NVIDIA's datasheets; the first entry
 # whose words all appear in torch.cuda.get_device_name wins, so the specific names come first.
@@ -87,7 +88,7 @@ class MetricsLogger:
             os.makedirs(folder, exist_ok=True)
             self.jsonl = _reopen(os.path.join(folder, "metrics.jsonl"), start_step)
             if job_config.metrics.enable_tensorboard:
-                self.tensorboard = TensorBoardLogger(os.path.join(folder, job_config.metrics.save_tb_folder))
+                self.tensorboard = SummaryWriter(os.path.join(folder, job_config.metrics.save_tb_folder), max_queue=1000)
 
     def add_step(self, tokens: int, row_len: int) -> None:
         """Every step: the tokens the whole job processes (all dp ranks, padding included) in rows of
@@ -129,7 +130,9 @@ class MetricsLogger:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
             if self.tensorboard is not None:
-                self.tensorboard.log({k: v for k, v in record.items() if k != "step"}, step)
+                for key, value in record.items():
+                    if key != "step":
+                        self.tensorboard.add_scalar(key, value, step)
         return record
 
     @contextlib.contextmanager

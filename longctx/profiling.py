@@ -2,10 +2,10 @@
 
 Traces go to {dump_folder}/{save_traces_folder}/iteration_N/rank{R}_trace.json (torchtitan's
 layout; open them in Perfetto or chrome://tracing). Each cycle of profile_freq steps waits, warms
-up for profiler_warmup steps and records profiler_active steps. Memory snapshots are torchtitan's
-maybe_enable_memory_snapshot ({save_memory_snapshot_folder}/iteration_N/rank{R}_memory_snapshot.pickle,
-for pytorch.org/memory_viz). The trace profiler is our own: torchtitan 0.2.2's
-maybe_enable_profiling hands torch.profiler a `None` activity without a GPU, a TypeError on CPU.
+up for profiler_warmup steps and records profiler_active steps. Memory snapshots (the CUDA caching
+allocator's history) go to {save_memory_snapshot_folder}/iteration_N/rank{R}_memory_snapshot.pickle
+every profile_freq steps, and to iteration_N_exit/ when step N+1 runs out of memory (torchtitan's
+layout; open them in pytorch.org/memory_viz).
 """
 
 import contextlib
@@ -14,8 +14,8 @@ import os
 
 import torch
 import torch.distributed as dist
-from torchtitan.tools.profiling import maybe_enable_memory_snapshot
 
+from longctx.base import log
 from longctx.config import JobConfig
 
 
@@ -37,8 +37,7 @@ def profilers(job_config: JobConfig, start_step: int):
     config, rank, folder = job_config.profiling, dist.get_rank(), job_config.job.dump_folder
     if rank != 0 and not config.all_ranks:
         config = dataclasses.replace(config, enable_profiling=False, enable_memory_snapshot=False)
-    with (_traces(config, folder, start_step, rank) as traces,
-          maybe_enable_memory_snapshot(config, global_step=start_step, base_folder=folder) as memory):
+    with _traces(config, folder, start_step, rank) as traces, _memory(config, folder, start_step, rank) as memory:
         yield Profilers(traces, memory)
 
 
@@ -61,3 +60,42 @@ def _traces(config, dump_folder: str, start_step: int, rank: int):
     with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=save, record_shapes=True) as profiler:
         profiler.step_num = start_step  # the schedule and folder names count training steps
         yield profiler
+
+
+# Each entry of the allocator's history costs a few KB of host memory; torchtitan's bound.
+MEMORY_HISTORY_ENTRIES = 100_000
+
+
+class MemorySnapshots:
+    """Records the CUDA caching allocator's history and dumps it every `freq` training steps."""
+
+    def __init__(self, folder: str, freq: int, start_step: int, rank: int):
+        self.folder, self.freq, self.step_num, self.rank = folder, freq, start_step, rank
+
+    def step(self) -> None:
+        self.step_num += 1
+        if self.step_num % self.freq == 0:
+            self.dump(f"iteration_{self.step_num}")
+
+    def dump(self, name: str) -> None:
+        folder = os.path.join(self.folder, name)
+        os.makedirs(folder, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(os.path.join(folder, f"rank{self.rank}_memory_snapshot.pickle"))
+
+
+@contextlib.contextmanager
+def _memory(config, dump_folder: str, start_step: int, rank: int):
+    if not config.enable_memory_snapshot:
+        yield None
+        return
+    snapshots = MemorySnapshots(os.path.join(dump_folder, config.save_memory_snapshot_folder), config.profile_freq,
+                                start_step, rank)
+    log(f"memory snapshots every {config.profile_freq} steps in {snapshots.folder}")
+    torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+    try:
+        yield snapshots
+    except torch.OutOfMemoryError:
+        snapshots.dump(f"iteration_{snapshots.step_num}_exit")  # the last step done; the next one ran out
+        raise
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)  # stop recording

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.optimizer import build_optimizers
 from torchtitan.distributed.utils import clip_grad_norm_
 
 from longctx.base import IGNORE_INDEX, DataError, log
@@ -30,6 +28,7 @@ from longctx.data.loader import RowSchedule, StepLoader
 from longctx.launch import Job, distributed, run_command, validate
 from longctx.metrics import MetricsLogger
 from longctx.modeling import build_model
+from longctx.optim import build_lr_schedule, build_optimizer
 from longctx.parallelisms.parallel_dims import ParallelDims
 from longctx.parallelisms.settings import forward_context, loss_context
 from longctx.profiling import profilers
@@ -115,13 +114,13 @@ def labelled_tokens(microbatches: list[dict]) -> torch.Tensor:
     return sum((mb["labels"] != IGNORE_INDEX).sum() for mb in microbatches).float()
 
 
-def train_step(model, job: Job, microbatches, optimizers, lr_schedulers, job_config, device,
+def train_step(model, job: Job, microbatches, optimizer, lr_schedule, job_config, device,
                checkpointer: Checkpointer | None = None, stop_requested: bool = False) -> StepResult:
     """One optimizer step over this rank's micro-batches, applied only if the global batch's loss and
     grad norm are finite (otherwise its gradients are dropped by the next zero_grad)."""
     recipe, parallel_dims, settings = job.recipe, job.parallel_dims, job.settings
     dp_cp = parallel_dims.mesh("dp_cp").get_group()
-    optimizers.zero_grad()  # here, not after the step: the last step's gradients stay inspectable
+    optimizer.zero_grad()  # here, not after the step: the last step's gradients stay inspectable
     microbatches = on_device(microbatches, parallel_dims, device)
     # Normalize by the GLOBAL count of labelled tokens (all micro-batches, dp and cp ranks), so
     # every layout computes the same mean loss and the same gradient as one process.
@@ -148,18 +147,16 @@ def train_step(model, job: Job, microbatches, optimizers, lr_schedulers, job_con
     # A fused optimizer skips a non-finite step on the device (found_inf), so it is queued before
     # the host reads the flags and the device never waits for the host between backward and the
     # update. The others step only once the host has read them.
-    stepped_on_device = skips_on_device(optimizers)
+    stepped_on_device = skips_on_device(optimizer)
     if stepped_on_device:
-        found_inf = flags[:2].amax()  # 1.0: the kernel leaves weights, moments and step counts as they were
-        for optimizer in optimizers:
-            optimizer.found_inf = found_inf
-        optimizers.step()
+        optimizer.found_inf = flags[:2].amax()  # 1.0: the kernel leaves weights, moments and step counts as they were
+        optimizer.step()
     bad_loss, bad_grad_norm, stop = flags.tolist()  # the step's one host sync
     nonfinite = "loss" if bad_loss else "grad_norm" if bad_grad_norm else None
     if nonfinite is None:
         if not stepped_on_device:
-            optimizers.step()
-        lr_schedulers.step()
+            optimizer.step()
+        lr_schedule.step()
     return StepResult(total, grad_norm, n_tokens, metric_sums, nonfinite, bool(stop))
 
 
@@ -172,10 +169,10 @@ def step_flags(loss: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool
     return flags
 
 
-def skips_on_device(optimizers) -> bool:
-    """Whether every optimizer honours found_inf (torch's fused Adam and AdamW do; foreach and
+def skips_on_device(optimizer) -> bool:
+    """Whether the optimizer honours found_inf (torch's fused Adam and AdamW do; foreach and
     for-loop refuse it)."""
-    return all(isinstance(o, torch.optim.Adam | torch.optim.AdamW) and o.defaults.get("fused") for o in optimizers)
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 @torch.no_grad()
@@ -196,12 +193,12 @@ def validation_loss(model, validator: Validator, job: Job, device) -> float:
     return loss_sum / max(n_tokens, 1)
 
 
-def skip_or_stop(result: StepResult, step: int, lr_schedulers, allowed: int) -> dict:
+def skip_or_stop(result: StepResult, step: int, lr_schedule, allowed: int) -> dict:
     """A non-finite step: one line while training.skip_nonfinite_steps allows it, else NonFiniteError.
     Returns the skip count to log (when skipping is allowed at all)."""
     # The LR schedule advances once per applied step, so the count needs no state of its own and
     # resumes with the schedule's.
-    skipped = step - lr_schedulers.schedulers[0].last_epoch
+    skipped = step - lr_schedule.last_epoch
     if result.nonfinite is not None:
         value = getattr(result, result.nonfinite).item()
         if skipped > allowed:
@@ -213,12 +210,12 @@ def skip_or_stop(result: StepResult, step: int, lr_schedulers, allowed: int) -> 
     return {"skipped_steps": skipped} if allowed else {}
 
 
-def log_step(metrics: MetricsLogger, step: int, result: StepResult, lr_schedulers, parallel_dims: ParallelDims,
+def log_step(metrics: MetricsLogger, step: int, result: StepResult, lr_schedule, parallel_dims: ParallelDims,
              **extra) -> dict:
     """A log step: the only place the step's values are read from the device."""
     loss, grad_norm, n_tokens = torch.stack([result.loss, result.grad_norm.to(result.loss.device), result.n_tokens]).tolist()
     recipe_metrics = token_means(result.metric_sums, result.n_tokens, parallel_dims.mesh("dp_cp").get_group())
-    return metrics.log(step, loss, grad_norm, lr_schedulers.schedulers[0].get_last_lr()[0],
+    return metrics.log(step, loss, grad_norm, lr_schedule.get_last_lr()[0],
                        valid_tokens=int(n_tokens), **recipe_metrics, **extra)
 
 
@@ -235,13 +232,13 @@ def train(job_config: JobConfig, job: Job, device, signals: "StopSignals | None"
         f"{settings.describe()}")
     source = weight_source(job_config)  # decided once: the run's own step, an initial load or a seed
     model = build_model(spec, model_args, parallel_dims, settings, device, source)
-    optimizers = build_optimizers([model], job_config.optimizer, parallel_dims)
-    lr_schedulers = build_lr_schedulers(optimizers, job_config.lr_scheduler, job_config.training.steps)
+    optimizer = build_optimizer(model, job_config.optimizer)
+    lr_schedule = build_lr_schedule(optimizer, job_config.lr_scheduler, training.steps)
 
     global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * parallel_dims.dp
     loader = StepLoader(recipe.build_stream(), schedule, training.local_batch_size, global_batch,
                         parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank())
-    checkpointer = Checkpointer(job_config, model, optimizers, lr_schedulers, loader, spec, model_args, source)
+    checkpointer = Checkpointer(job_config, model, optimizer, lr_schedule, loader, spec, model_args, source)
     start = checkpointer.resume()  # the last step the run's own checkpoint holds; 0 on a fresh start
     if start >= training.steps:
         log(f"the run's checkpoint is at step {start} and training.steps={training.steps}: nothing left to train; "
@@ -255,14 +252,14 @@ def train(job_config: JobConfig, job: Job, device, signals: "StopSignals | None"
             for step in range(start + 1, training.steps + 1):
                 batch = loader.next_step(step)  # this step's rows, at its stage of the schedule
                 metrics.add_step(global_batch * batch.row.padded, batch.row.padded)
-                result = train_step(model, job, batch.microbatches, optimizers, lr_schedulers, job_config, device,
+                result = train_step(model, job, batch.microbatches, optimizer, lr_schedule, job_config, device,
                                     checkpointer, stop_requested=signals.received is not None)
-                extra = skip_or_stop(result, step, lr_schedulers, training.skip_nonfinite_steps)
+                extra = skip_or_stop(result, step, lr_schedule, training.skip_nonfinite_steps)
                 if validator is not None and validator.due(step):
                     with metrics.untimed():
                         extra["validation_loss"] = validation_loss(model, validator, job, device)
                 if "validation_loss" in extra or result.stop or step % job_config.metrics.log_freq == 0 or step in (1, training.steps):
-                    records.append(log_step(metrics, step, result, lr_schedulers, parallel_dims, **extra))
+                    records.append(log_step(metrics, step, result, lr_schedule, parallel_dims, **extra))
                 checkpointer.save(step, last_step=step == training.steps, now=result.stop)
                 profiler.step()
                 collector.step(step)

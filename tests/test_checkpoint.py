@@ -19,6 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from longctx import launch, train
 from longctx.checkpoint.dcp import CheckpointError, latest_step, load_dcp_model, resolve_dcp_path
@@ -373,6 +375,83 @@ def test_compute_logprobs_scores_the_runs_latest_step(dcp_dir, reference, tmp_pa
     lines = capsys.readouterr().out.splitlines()
     assert f"weights: DCP checkpoint {ref_dump}/checkpoint/step-6, model only" in lines, lines  # the "run" case
     assert scored["run"] == scored["step-6"] != scored["step-4"]
+
+
+# ---------------------------------------------------------------- the recorded model
+
+
+YARN = ["--model.rope_scaling", "type", "yarn", "factor", "4.0", "original_max_position_embeddings", "64"]
+
+
+@pytest.mark.slow
+def test_resume_of_another_model_is_refused_and_an_initial_load_may_change_it(dcp_dir, reference, tmp_path, capsys):
+    """A checkpoint records its model: a resume under a config that defines another one stops before
+    any weight is read, with one line naming each difference; the same step as
+    checkpoint.initial_load_path (weights only: the way to change the model, here to start a YaRN
+    extension) trains, logging what changed."""
+    _, ref_dump = reference
+    dump, step2 = str(tmp_path / "run"), os.path.join(ref_dump, "checkpoint", "step-2")
+    shutil.copytree(step2, os.path.join(dump, "checkpoint", "step-2"))
+    before = hashes(dump)
+    other = train_args(dcp_dir, dump, extra=YARN)
+    other[other.index("--model.flavor") + 1] = "debugmodel"  # 4 layers of 256, not 2 of 64
+    extended = train_args(dcp_dir, str(tmp_path / "extended"), extra=[*YARN, "--training.steps", "1"],
+                          init=["--checkpoint.initial_load_path", step2])
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            convert(train, other)
+        refused = capsys.readouterr()
+        convert(train, extended)
+    finally:
+        torch.use_deterministic_algorithms(False)  # train.main set it for --debug.deterministic
+    errors = [line for line in refused.err.splitlines() if line.startswith("error: ")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "Traceback" not in refused.err, refused.err
+    yarn = "rope_scaling: none in the checkpoint, yarn factor 4.0 original_max_position_embeddings 64 in this config"
+    for difference in ("dim: 64 in the checkpoint, 256 in this config", "n_layers: 2 in the checkpoint, 4 in this config", yarn):
+        assert difference in errors[0], errors[0]
+    assert "checkpoint.initial_load_path" in errors[0] and "step " not in refused.out
+    assert hashes(dump) == before
+    assert f"{step2}: its weights into a changed model: {yarn}" in capsys.readouterr().out
+    assert sorted(losses(str(tmp_path / "extended"))) == [1]
+
+
+def test_model_only_step_is_not_resumed(dcp_dir, tmp_path, capsys):
+    """A model-only checkpoint copied into the run's checkpoint folder as a step: one line, not a
+    DCP traceback about missing keys."""
+    step = str(tmp_path / "run" / "checkpoint" / "step-2")
+    shutil.copytree(dcp_dir, step)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            convert(train, train_args(dcp_dir, str(tmp_path / "run")))
+    finally:
+        torch.use_deterministic_algorithms(False)  # train.main set it for --debug.deterministic
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert f"error: {step} holds no optimizer, lr_scheduler, dataloader, train_state state, only model weights" in err, err
+
+
+def _read_data_fails_with(error: BaseException):
+    def read_data(self, plan, planner):
+        raise error
+    return read_data
+
+
+def test_checkpoint_at_fault_is_one_line_and_a_bug_keeps_its_traceback(dcp_dir, tmp_path, monkeypatch, capsys):
+    """A read that fails on the files (one gone since it was checked) is a CheckpointError naming the
+    folder, its cause chained; any other failure inside dcp.load (here a ZeroDivisionError) is a bug:
+    the command exits 1 with the traceback."""
+    model = Decoder(get_model_spec("qwen3").args_for(dcp_dir))
+    monkeypatch.setattr(FileSystemReader, "read_data", _read_data_fails_with(FileNotFoundError("__0_0.distcp")))
+    with pytest.raises(CheckpointError, match=f"^cannot load {dcp_dir}: FileNotFoundError: __0_0.distcp$") as info:
+        load_dcp_model(model, dcp_dir)
+    assert isinstance(info.value.__cause__, CheckpointException)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", _read_data_fails_with(ZeroDivisionError("a bug")))
+    with pytest.raises(SystemExit) as exit_info:
+        convert(convert_dcp_to_hf, [dcp_dir, str(tmp_path / "hf"), "--job.config_file", "train_configs/debug.toml",
+                                    "--model.flavor", dcp_dir])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" in err and "ZeroDivisionError: a bug" in err and "error: " not in err, err
 
 
 # ---------------------------------------------------------------- bad checkpoints

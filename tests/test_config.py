@@ -125,7 +125,7 @@ def every_key(tmp_path) -> dict[str, dict]:
                         "context_parallel_ulysses_degree": 2},
         "checkpoint": {"enable": True, "folder": "ckpt", "interval": 3, "initial_load_path": "/some/hf", "initial_load_in_hf": True,
                        "last_save_in_hf": True, "export_dtype": "bfloat16", "async_mode": "async", "keep_latest_k": 3, "load_step": 4,
-                       "exclude_from_loading": ["dataloader"], "enable_first_step_checkpoint": True, "load_only": True,
+                       "load_only": True,
                        "export_interval": 2, "export_max_shard_gb": 0.5},
         "activation_checkpoint": {"mode": "selective", "selective_ac_option": "op", "cpu_offload": True, "mlp_chunk_size": 32,
                                   "attention_kv_groups": 2, "memory_budget_gib": 70.0},
@@ -300,5 +300,4 @@ def test_help_lists_every_key_with_type_default_and_doc_and_exits_0(capsys):
             line = next(line for line in text.splitlines() if line.startswith(f"  --{section}.{key} "))
             assert "default" in line and repr(value_of(defaults, f"{section}.{key}")).lower() in line.lower(), line
             assert docstrings(section_class)[key].splitlines()[0] in text
-    assert "initial_load_model_only" not in text and "early_step_in_backward" not in text  # pinned, not keys
     assert run(main, ["-h"]) == 0

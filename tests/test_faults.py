@@ -1,5 +1,5 @@
 """Faults end in one clear line or a recovery: train.py's loop under NaN, preemption, held-out
-evaluation and profiling.
+evaluation, profiling and memory snapshots.
 
 - A step whose loss or grad norm is not finite is never applied nor saved: exit code 3 and one
   line, the newest (finite) checkpoint kept, also with async saves; training.skip_nonfinite_steps
@@ -7,7 +7,8 @@ evaluation and profiling.
   non-finite weights, naming the tensor.
 - SIGTERM to a real `python train.py`: the step finishes, a checkpoint is saved, exit 0; the
   relaunch resumes bit-identically to an uninterrupted run, and metrics.jsonl never repeats a step.
-- validation_loss under dp2 and cp2 equals one process; profiling writes trace files;
+- validation_loss under dp2 and cp2 equals one process; profiling writes trace files, and memory
+  snapshots at their steps and at an out-of-memory;
   train.token_means averages over the global batch.
 
 The debug model at seq_len 32 from its seeded random init (the same under every layout).
@@ -27,11 +28,10 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torchtitan.components.checkpoint
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from longctx import train
+from longctx import profiling, train
 from longctx.base import ConfigError
 from longctx.checkpoint import manager as checkpoint
 from longctx.checkpoint.dcp import complete_steps, latest_step, save_dcp_model
@@ -148,8 +148,8 @@ def test_nonfinite_step_stops_the_run_and_is_not_saved(tmp_path):
 
 
 def test_async_with_pinned_mem_saves_every_interval(tmp_path, monkeypatch):
-    """torch 2.11's DefaultStager closes its deep copier after each stage (pytorch#170431) and
-    torchtitan stages every save with one stager: the second save died with KeyError: <class 'type'>.
+    """torch 2.11's DefaultStager closes its deep copier after each stage (pytorch#170431), so a
+    second save staged with the same stager died with KeyError: <class 'type'>.
     That torch is emulated on the installed one, whose stager stays open; staging as on a GPU (a
     thread, shared memory, an upload process) but without pinning or CUDA copies."""
     stage = DefaultStager._stage
@@ -160,7 +160,7 @@ def test_async_with_pinned_mem_saves_every_interval(tmp_path, monkeypatch):
         return staged
 
     monkeypatch.setattr(DefaultStager, "_stage", stage_then_close)
-    monkeypatch.setattr(torchtitan.components.checkpoint, "StagingOptions", lambda *_: StagingOptions(False, True, True, False))
+    monkeypatch.setattr(checkpoint, "PINNED_STAGING", StagingOptions(False, True, True, False))
     checkpoint._stager_closes_itself.cache_clear()
     try:
         job_config = parse_config(args(tmp_path, "--checkpoint.enable", "--checkpoint.interval", "1",
@@ -202,6 +202,25 @@ def test_export_refuses_nonfinite_weights(tmp_path, capfd):
 def test_bad_values_are_refused_before_the_run(extra, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(parse_config(["--job.config_file", CONFIG, *extra]))
+
+
+def test_memory_snapshots_every_profile_freq_steps_and_on_out_of_memory(tmp_path, monkeypatch):
+    """The allocator's history is recorded from the loop's start, dumped every profile_freq training
+    steps (counted on from a resumed step) and at an out-of-memory, then no longer recorded. CUDA's
+    recorder and dump stand in for themselves: this machine may have no GPU."""
+    recording = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda enabled="all", **_: recording.append(enabled))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", lambda filename: open(filename, "wb").close())
+    job_config = parse_config(args(tmp_path, "--profiling.enable_memory_snapshot", "--profiling.profile_freq", "2"))
+    with one_rank(), pytest.raises(torch.OutOfMemoryError):
+        with profiling.profilers(job_config, start_step=1) as profiler:
+            for _ in range(4):  # steps 2 to 5
+                profiler.step()
+            raise torch.OutOfMemoryError("CUDA out of memory")  # at step 6
+    folder = tmp_path / "memory_snapshot"
+    dumps = sorted(str(path.relative_to(folder)) for path in folder.rglob("*.pickle"))
+    assert dumps == [f"{name}/rank0_memory_snapshot.pickle" for name in ("iteration_2", "iteration_4", "iteration_5_exit")]
+    assert recording == ["all", None]
 
 
 def held_out(tmp_path) -> str:

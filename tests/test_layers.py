@@ -21,6 +21,7 @@ MAY_IMPORT = {
     "recipes": {"base", "data", "models"},
     "checkpoint": {"base", "models"},
     "planner": {"base", "models", "parallelisms"},
+    "optim": {"base"},
     # What the commands share: any layer below, and each other without a cycle.
     "modeling": {"base", "config", "parallelisms", "models", "checkpoint"},
     "launch": {"base", "config", "parallelisms", "models", "data", "recipes", "modeling", "planner", "profiling", "validation"},
@@ -28,7 +29,7 @@ MAY_IMPORT = {
     "profiling": {"base", "config"},
     "validation": {"base", "config", "data", "recipes"},
     "train": {"base", "config", "parallelisms", "models", "data", "recipes", "checkpoint", "planner", "launch", "modeling",
-              "metrics", "profiling", "validation"},
+              "metrics", "optim", "profiling", "validation"},
 }
 # Layers that never see a job config object (they take the values they need as arguments).
 NO_JOB_CONFIG = ("models", "parallelisms", "data", "planner")

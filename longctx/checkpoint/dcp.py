@@ -1,24 +1,29 @@
 """DCP checkpoints in and out of a (possibly sharded) model: which step folders are complete, the
-check of a folder's files and tensors against the model before any weight is read, model-only
-loads and saves. Damage is one CheckpointError line naming the file; nothing on disk is touched."""
+check of a folder's files, recorded model and tensors against the model before any weight is read,
+model-only loads and saves. Damage is one CheckpointError line naming the file; nothing on disk is
+touched."""
 
+import dataclasses
+import json
 import os
 import re
 
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from longctx.base import CheckpointError, global_rank
-from longctx.checkpoint.files import atomic_folder, check_tensors, dcp_error_line
+from longctx.base import CheckpointError, global_rank, log
+from longctx.checkpoint.files import UNREADABLE, atomic_folder, check_tensors, dcp_error_line, load_checkpoint
 from longctx.checkpoint.hf import ASSET_FILES, copy_assets
+from longctx.models.common.args import DecoderArgs
 
-# Top-level keys of a training checkpoint that are not model weights (CheckpointManager's layout:
-# model weights flattened at the top, the other states under their own name).
+# Top-level keys of a training checkpoint that are not model weights (torchtitan's layout: model
+# weights flattened at the top, the other states under their own name).
 _NON_MODEL = ("optimizer.", "lr_scheduler.", "dataloader.", "train_state.")
+# The model a checkpoint holds, beside its weights: DecoderArgs as one JSON string.
+MODEL_RECORD = "model_args"
 
 
 def is_complete(step_folder: str) -> bool:
@@ -60,8 +65,10 @@ def read_dcp_metadata(path: str):
     goes unseen: DCP stores no checksums."""
     try:
         metadata = FileSystemReader(path).read_metadata()
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"{path}: .metadata is unreadable ({dcp_error_line(e)}); the checkpoint is damaged") from None
+    except UNREADABLE as e:
+        raise CheckpointError(f"{path}: .metadata is unreadable ({dcp_error_line(e)}); the checkpoint is damaged") from e
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path}: .metadata holds a {type(metadata).__name__}, not DCP metadata; the checkpoint is damaged")
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -74,38 +81,79 @@ def read_dcp_metadata(path: str):
     return metadata
 
 
-def check_dcp_checkpoint(model: nn.Module, path: str) -> None:
-    """The model weights of a DCP checkpoint (training or model-only) against the model."""
-    metadata = read_dcp_metadata(path).state_dict_metadata
-    found = {k: (tuple(m.size), m.properties.dtype) for k, m in metadata.items()
+def model_record(args: DecoderArgs) -> dict:
+    """The entry a checkpoint records its model in, merged into the state dict it saves."""
+    return {MODEL_RECORD: {"json": json.dumps(dataclasses.asdict(args))}}
+
+
+def read_model_record(path: str, metadata: Metadata) -> dict | None:
+    """The DecoderArgs fields a complete DCP folder was saved with (None: saved before models were
+    recorded). A few bytes; collective, like every DCP load."""
+    if f"{MODEL_RECORD}.json" not in metadata.state_dict_metadata:
+        return None
+    state = {MODEL_RECORD: {"json": ""}}
+    load_checkpoint(state, path)
+    return json.loads(state[MODEL_RECORD]["json"])
+
+
+def model_changes(recorded: dict, args: DecoderArgs) -> list[str]:
+    """One "field: X in the checkpoint, Y in this config" per DecoderArgs field that changes what
+    the model computes. max_seq_len changes nothing: RoPE angles are computed per position, and
+    YaRN's original length is part of rope_scaling."""
+    ours = dataclasses.asdict(args)
+    return [f"{name}: {_describe(recorded.get(name))} in the checkpoint, {_describe(value)} in this config"
+            for name, value in ours.items() if name != "max_seq_len" and recorded.get(name) != value]
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):  # rope_scaling: "yarn factor 4.0 original_max_position_embeddings 32768"
+        return " ".join([value["rope_type"], *(f"{k} {v}" for k, v in value.items() if k != "rope_type" and v is not None)])
+    return str(value)
+
+
+def _check_weights(model: nn.Module, path: str, metadata: Metadata) -> None:
+    found = {k: (tuple(m.size), m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
              if isinstance(m, TensorStorageMetadata) and not k.startswith(_NON_MODEL)}
     expected = {k: tuple(v.shape) for k, v in get_model_state_dict(model).items()}
     check_tensors(path, found, expected, "wrong model family or flavor for this checkpoint?")
 
 
+def check_dcp_checkpoint(model: nn.Module, path: str) -> None:
+    """A resume's check, before any weight is read: the checkpoint holds the model this config
+    defines, and its weights fit the model. A resume continues a run; changing the model is a new
+    run that starts from the weights (load_dcp_model)."""
+    metadata = read_dcp_metadata(path)
+    recorded = read_model_record(path, metadata)
+    if recorded is None:
+        log(f"{path} records no model (saved before checkpoints did): its weights are checked by name and shape only")
+    elif changes := model_changes(recorded, model.args):
+        raise CheckpointError(
+            f"{path} holds another model than this config defines: {'; '.join(changes)}. A resume continues the "
+            f"same model: set model.flavor and model.rope_scaling as its run had them, or to change the model start "
+            f"a new run from these weights with checkpoint.initial_load_path={path} and another job.dump_folder")
+    _check_weights(model, path, metadata)
+
+
 def load_dcp_model(model: nn.Module, path: str) -> None:
-    """Model weights only, from any DCP checkpoint, resharded into this rank's pieces."""
-    check_dcp_checkpoint(model, path)
+    """Model weights only, from any DCP checkpoint, resharded into this rank's pieces. The model may
+    differ from the recorded one where no weight changes shape (e.g. YaRN switched on to extend a
+    plain checkpoint): each change is logged."""
+    metadata = read_dcp_metadata(path)
+    recorded = read_model_record(path, metadata)
+    if recorded is not None and (changes := model_changes(recorded, model.args)):
+        log(f"{path}: its weights into a changed model: {'; '.join(changes)}")
+    _check_weights(model, path, metadata)
     state = get_model_state_dict(model)
-    try:
-        dcp.load(state, checkpoint_id=path)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise CheckpointError(f"cannot load {path}: {dcp_error_line(e)}") from None
+    load_checkpoint(state, path)
     set_model_state_dict(model, state)
 
 
 def save_dcp_model(model: nn.Module, path: str, assets_from: str | None = None) -> None:
-    """A model-only DCP checkpoint, keys as in a training checkpoint, plus the model files of
-    `assets_from` (config.json, tokenizer...); `path` exists only once complete."""
+    """A model-only DCP checkpoint, keys as in a training checkpoint, with its model record, plus
+    the model files of `assets_from` (config.json, tokenizer...); `path` exists only once complete."""
     with atomic_folder(path) as partial:
-        dcp.save(get_model_state_dict(model), checkpoint_id=partial)
+        dcp.save(get_model_state_dict(model) | model_record(model.args), checkpoint_id=partial)
         if global_rank() == 0:
             copy_assets(assets_from, partial, ("config.json", *ASSET_FILES))
-
-
-# ---------------------------------------------------------------- where the weights come from
-
-
-# ---------------------------------------------------------------- training checkpoints
-
-

@@ -1,13 +1,28 @@
-"""Files of checkpoints and exports: the atomic folder write, the refusal to replace an output, the
-one-line form of a DCP failure, and the check of a checkpoint's tensors against the model."""
+"""Files of checkpoints and exports: the atomic folder write, the refusal to replace an output, DCP
+reads whose failures a user can cause turned into one line, and the check of a checkpoint's tensors
+against the model."""
 
 import contextlib
 import os
+import pickle
 import shutil
 
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 
 from longctx.base import CheckpointError, barrier, global_rank
+
+# What reading a missing, cut-short or garbled file raises: the OS's errors, those the pickle
+# module documents for a bad stream (UnpicklingError, EOFError, AttributeError, ImportError,
+# IndexError) and ValueError (an unknown pickle protocol). Only around a single read of one file.
+UNREADABLE = (OSError, ValueError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError)
+# What a rank's failure inside dcp.load is when the files, not the code, are at fault: a file gone
+# or cut short since it was checked, a garbled pickle, a safetensors file damaged inside, a tensor
+# whose saved size differs from the model's (DCP's ValueError). AttributeError and the like are
+# left out here: inside DCP's machinery they are bugs.
+USER_CAUSED = (OSError, EOFError, pickle.UnpicklingError, ValueError, SafetensorError)
 
 
 def refuse_existing(path: str) -> None:
@@ -38,6 +53,19 @@ def dcp_error_line(error: BaseException) -> str:
     """DCP wraps every rank's traceback into one exception; keep its last meaningful line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith(" ")]
     return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+def load_checkpoint(state: dict, path: str, storage_reader=None) -> None:
+    """dcp.load(state) from the folder `path` (read by `storage_reader` if given). When every failing
+    rank failed on the files (USER_CAUSED), one CheckpointError line naming `path`, the cause chained;
+    anything else (a bug, out of memory, a collective that failed) propagates with its traceback."""
+    try:
+        dcp.load(state, checkpoint_id=None if storage_reader else path, storage_reader=storage_reader)
+    except CheckpointException as e:  # a BaseException: one per call, carrying every rank's failure
+        failures = [error for error, _ in e.failures.values()]
+        if failures and all(isinstance(error, USER_CAUSED) for error in failures):
+            raise CheckpointError(f"cannot load {path}: {dcp_error_line(e)}") from e
+        raise
 
 
 def _brief(names) -> str:

@@ -16,17 +16,15 @@ import os
 import shutil
 
 import torch
-import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from longctx.base import CheckpointError, global_rank
-from longctx.checkpoint.files import atomic_folder, check_tensors, dcp_error_line, refuse_existing
+from longctx.base import CheckpointError, ConfigError, global_rank
+from longctx.checkpoint.files import atomic_folder, check_tensors, load_checkpoint, refuse_existing
 from longctx.models.common.args import DecoderArgs, args_from_hf_config, args_to_hf_config, read_hf_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -68,8 +66,8 @@ def read_hf_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
                 for name in f.keys():
                     sl = f.get_slice(name)
                     shapes[name] = (tuple(sl.get_shape()), sl.get_dtype())
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"cannot read {file}: {' '.join(str(e).split())[:200]} (truncated or not safetensors?)") from None
+        except (OSError, SafetensorError) as e:  # a truncated file or another format: SafetensorError
+            raise CheckpointError(f"cannot read {file}: {' '.join(str(e).split())[:200]} (truncated or not safetensors?)") from e
     return shapes
 
 
@@ -78,10 +76,7 @@ def check_hf_config(spec, model_args: DecoderArgs, path: str) -> None:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         return  # weights only: the key and shape checks still run
-    try:
-        cfg = read_hf_config(file)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    cfg = read_hf_config(file)  # a ConfigError naming the file when unreadable
     architectures = cfg.get("architectures") or [spec.hf_architecture]
     if cfg.get("model_type") != spec.name or spec.hf_architecture not in architectures:
         raise CheckpointError(
@@ -90,8 +85,8 @@ def check_hf_config(spec, model_args: DecoderArgs, path: str) -> None:
         )
     try:
         theirs = args_from_hf_config(cfg, **spec.family_flags)
-    except ValueError as e:
-        raise CheckpointError(f"{file}: {e}") from None
+    except ConfigError as e:  # its message does not name the file
+        raise CheckpointError(f"{file}: {e}") from e
     # max_seq_len only bounds RoPE positions we compute on the fly, and rope scaling changes no
     # weight (extending a base model turns it on in the TOML): both may differ.
     differ = [f"{f.name} {getattr(theirs, f.name)} vs {getattr(model_args, f.name)}" for f in dataclasses.fields(DecoderArgs)
@@ -114,10 +109,7 @@ def load_hf_weights(model: nn.Module, adapter, path: str) -> None:
     """Each rank reads only its own shards of each tensor (DCP's HF reader, resharding on load)."""
     check_hf_checkpoint(adapter, model, path)
     hf_state = adapter.to_hf(get_model_state_dict(model))
-    try:
-        dcp.load(hf_state, storage_reader=HuggingFaceStorageReader(path))
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise CheckpointError(f"cannot load {path}: {dcp_error_line(e)}") from None
+    load_checkpoint(hf_state, path, storage_reader=HuggingFaceStorageReader(path))
     set_model_state_dict(model, adapter.from_hf(hf_state))
 
 
@@ -138,7 +130,7 @@ def _eos_token_id(assets_path: str | None) -> int | None:
         return None
     try:
         return read_hf_config(assets_path).get("eos_token_id")
-    except ValueError:
+    except ConfigError:
         return None  # an unreadable config.json there is not the export's business
 
 

@@ -66,9 +66,6 @@ def weight_source(job_config) -> WeightSource:
     folder = checkpoint_folder(job_config)
     if ckpt.initial_load_in_hf and not ckpt.initial_load_path:
         raise CheckpointError("checkpoint.initial_load_in_hf needs checkpoint.initial_load_path, the HF model folder")
-    if ckpt.initial_load_path and not ckpt.initial_load_model_only:
-        raise CheckpointError("checkpoint.initial_load_model_only=false is not supported; to resume a run, "
-                              f"copy its step-N folder into {folder}")
     step, damaged = _undamaged_step(folder, ckpt.load_step) if ckpt.enable else (None, {})
     if step is not None:
         why = f", the newest undamaged step (skipped, kept on disk: {' | '.join(damaged.values())})" if damaged else ""

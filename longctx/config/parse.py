@@ -25,8 +25,8 @@ TRUE, FALSE = ("true", "True"), ("false", "False")
 
 
 def keys(section) -> dict:
-    """name -> field of a section class or object: the keys a user may set (not torchtitan_reads)."""
-    return {f.name: f for f in fields(section) if f.metadata.get("key", True)}
+    """name -> field of a section class or object: the keys a user may set."""
+    return {f.name: f for f in fields(section)}
 
 
 SECTIONS = {f.name: f.type for f in fields(JobConfig)}

@@ -84,8 +84,6 @@ def _selective(c: JobConfig) -> bool:
 
 SEQ_LEN = f">= 1 and <= 2**24 = {MAX_SEQ_LEN} (RoPE positions are fp32, exact only up to 2**24)"
 FOLDER = "a folder name under job.dump_folder, not an existing file there"
-STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
-
 VALUE_RULES = (
     Rule("job.dump_folder", lambda v, c: not os.path.isfile(v), "a folder, not a file"),
     # model.rope_scaling: the entries transformers reads (models/common/rope.py checks type and names).
@@ -130,7 +128,6 @@ VALUE_RULES = (
     Rule("checkpoint.keep_latest_k", lambda v, c: v == 0 or v >= 2,
          "0 (keep all) or >= 2: with 1, no complete checkpoint would exist while the next one is written"),
     Rule("checkpoint.load_step", _auto_or(_integer(0)), "-1 (the latest) or a saved step"),
-    Rule("checkpoint.exclude_from_loading", lambda v, c: set(v) <= set(STATES), f"a list of {', '.join(map(repr, STATES))}"),
     Rule("checkpoint.export_interval", _integer(0), ">= 0 (0: never)"),
     Rule("checkpoint.export_max_shard_gb", _number(0, low_open=True), "a finite number > 0"),
     Rule("activation_checkpoint.selective_ac_option", lambda v, c: v == "op" or (v.isdigit() and int(v) >= 1),

@@ -6,13 +6,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
-def torchtitan_reads(value):
-    """An attribute that torchtitan 0.2.2's CheckpointManager or build_optimizers reads, pinned to
-    the one value this repo supports. Not a key: never parsed, not in --help. It goes once
-    longctx/checkpoint and the optimizer no longer call those torchtitan functions."""
-    return field(default=value, repr=False, compare=False, metadata={"key": False})
-
-
 @dataclass
 class Job:
     config_file: str | None = None
@@ -153,12 +146,6 @@ class Checkpoint:
     load_step: int = -1
     """The step to resume from; -1: the newest complete one."""
 
-    exclude_from_loading: list[str] = field(default_factory=list)
-    """States not restored on resume, e.g. ["dataloader"] or ["optimizer", "lr_scheduler"]. Set it in the TOML."""
-
-    enable_first_step_checkpoint: bool = False
-    """Also save after step 1, to prove saving works before a long run."""
-
     load_only: bool = False
     """Resume from checkpoints but never save one."""
 
@@ -168,11 +155,6 @@ class Checkpoint:
 
     export_max_shard_gb: float = 5.0
     """Largest safetensors file of an HF export, in GB (like transformers' max_shard_size)."""
-
-    initial_load_model_only: bool = torchtitan_reads(True)  # an initial load is always model-only
-    initial_load_in_hf_quantized: bool = torchtitan_reads(False)
-    last_save_model_only: bool = torchtitan_reads(False)
-    enable_ft_dataloader_checkpoints: bool = torchtitan_reads(False)  # no torchft
 
 
 @dataclass
@@ -238,8 +220,6 @@ class Optimizer:
     implementation: Literal["for-loop", "foreach", "fused"] = "fused"
     """torch.optim's kernel: "fused" (one kernel; skips a non-finite step on the device), "foreach"
     (batched tensor ops), "for-loop" (one parameter at a time)."""
-
-    early_step_in_backward: bool = torchtitan_reads(False)  # it would step before gradient clipping
 
 
 @dataclass

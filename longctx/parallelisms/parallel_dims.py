@@ -113,10 +113,6 @@ class ParallelDims:
     def fsdp_enabled(self) -> bool:
         return self.dp_shard * self.cp > 1 or self.dp_replicate > 1
 
-    # torchtitan's optimizer builder asks these of its own ParallelDims.
-    ep_enabled = False
-    pp_enabled = False
-
     @cached_property
     def _meshes(self) -> dict[str, DeviceMesh]:
         """Builds the mesh (needs an initialized process group). Named sub-meshes:
