@@ -5,6 +5,10 @@ The row length of every step has one owner, the `RowSchedule` (training.seq_len_
 stage of training.seq_len, padded for the layout by ParallelDims.padded_len). The loader hands
 each stream the length of the step it builds, and each `Step` carries it on to the training loop
 (metrics, flops); no recipe and no stream decides a length of its own.
+
+A step is planned whole first (`Stream.plan_rows`: each row's pieces of documents, no tensor),
+arranged so that dealing by position balances the ranks' work (data/balance.py), and only this
+rank's rows become tensors (`Stream.build_row`).
 """
 
 import queue
