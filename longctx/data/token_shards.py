@@ -137,6 +137,8 @@ class TokenStream:
     with the state one number: the stream token where the next row starts (a token offset rather
     than a row index, so it survives a change of row length)."""
 
+    whole_documents = False  # rows cut documents at fixed token offsets: they move, their pieces do not
+
     def __init__(self, corpus: TokenCorpus, pad_id: int):
         self.corpus, self.pad_id = corpus, pad_id
         self.next_token = 0
@@ -179,7 +181,7 @@ class TokenStream:
             inside = shard_ends[np.searchsorted(shard_ends, lo, side="right") : np.searchsorted(shard_ends, hi, side="right")]
             ends.extend((inside - lo + done).tolist())
             done += hi - lo
-        inner = [end for end in ends if end < length]  # a document ending with the row closes its last piece anyway
+        inner = np.array([end for end in ends if end < length], dtype=np.int64)  # one ending with the row closes its last piece anyway
         return tuple(np.diff(inner, prepend=0, append=length).tolist())
 
     def state_dict(self) -> dict:
