@@ -24,6 +24,7 @@ from longctx.base import IGNORE_INDEX, DataError, log
 from longctx.checkpoint.manager import Checkpointer
 from longctx.checkpoint.source import weight_source
 from longctx.config import JobConfig, parse_config
+from longctx.data.balance import DocumentCost
 from longctx.data.loader import RowSchedule, StepLoader
 from longctx.launch import Job, distributed, run_command, validate
 from longctx.metrics import MetricsLogger
@@ -236,8 +237,10 @@ def train(job_config: JobConfig, job: Job, device, signals: "StopSignals | None"
     lr_schedule = build_lr_schedule(optimizer, job_config.lr_scheduler, training.steps)
 
     global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * parallel_dims.dp
+    # Rows dealt by their documents' modelled flops (data/balance.py), from the model's own count.
+    balance = DocumentCost.from_flops_per_token(model_args.flops_per_token) if training.balance == "flops" else None
     loader = StepLoader(recipe.build_stream(), schedule, training.local_batch_size, global_batch,
-                        parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank())
+                        parallel_dims.dp, parallel_dims.mesh("dp").get_local_rank(), balance=balance)
     checkpointer = Checkpointer(job_config, model, optimizer, lr_schedule, loader, spec, model_args, source)
     start = checkpointer.resume()  # the last step the run's own checkpoint holds; 0 on a fresh start
     if start >= training.steps:

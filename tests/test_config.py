@@ -119,7 +119,7 @@ def every_key(tmp_path) -> dict[str, dict]:
                                    "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False}},
         "training": {"dataset": "json", "dataset_path": CORPUS, "local_batch_size": 2, "global_batch_size": 8, "seq_len": 128,
                      "seq_len_schedule": [[0, 64], [3, 128]], "steps": 5, "max_norm": 0.5, "enable_cpu_offload": True,
-                     "mixed_precision_param": "float32", "gc_freq": 7, "skip_nonfinite_steps": 2},
+                     "mixed_precision_param": "float32", "gc_freq": 7, "skip_nonfinite_steps": 2, "balance": "none"},
         "parallelism": {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 2, "fsdp_reshard_after_forward": "never",
                         "tensor_parallel_degree": 1, "disable_loss_parallel": True, "context_parallel_degree": 4,
                         "context_parallel_ulysses_degree": 2},

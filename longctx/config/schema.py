@@ -81,6 +81,13 @@ class Training:
     """Steps whose loss or grad norm is NaN/inf the run may skip (batch dropped, weights and LR
     schedule unchanged, counted as skipped_steps) before it stops with exit code 3; 0: stop at the first."""
 
+    balance: Literal["flops", "none"] = "flops"
+    """How a step's global batch is dealt to dp ranks and micro-batches. "flops": by each row's
+    modelled work, the sum over its documents of a*L + b*L^2 (the model's own flops: document-masked
+    attention grows with the square of each document's length), so that no rank waits long for
+    another; SFT and policy rows, whose documents are never split, may also be re-packed. The same
+    documents train in the same step either way (data/balance.py). "none": rows dealt in stream order."""
+
 
 @dataclass
 class Parallelism:

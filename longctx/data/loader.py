@@ -5,6 +5,10 @@ The row length of every step has one owner, the `RowSchedule` (training.seq_len_
 stage of training.seq_len, padded for the layout by ParallelDims.padded_len). The loader hands
 each stream the length of the step it builds, and each `Step` carries it on to the training loop
 (metrics, flops); no recipe and no stream decides a length of its own.
+
+A step is planned whole first (`Stream.plan_rows`: each row's pieces of documents, no tensor),
+arranged so that dealing by position balances the ranks' work (data/balance.py), and only this
+rank's rows become tensors (`Stream.build_row`).
 """
 
 import queue
@@ -16,7 +20,8 @@ from typing import NamedTuple, Protocol
 import torch
 
 from longctx.base import DataError, round_up
-from longctx.data.packing import collate
+from longctx.data.balance import DocumentCost, deal, repack, synced_cost
+from longctx.data.packing import RowPlan, collate
 
 
 class RowLength(NamedTuple):
@@ -56,9 +61,13 @@ class RowSchedule:
 class Stream(Protocol):
     """Endless rows (data/packing.PackedStream, data/token_shards.TokenStream); its state resumes it exactly."""
 
-    def next_rows(self, count: int, wanted: list[int], row: RowLength) -> list[dict[str, torch.Tensor]]:
-        """Advance `count` rows of `row` length; return those at the offsets in `wanted` as tensors."""
+    whole_documents: bool  # every piece of its rows is a whole document, so a step's rows may be re-packed
+
+    def plan_rows(self, count: int, row: RowLength) -> list[RowPlan]:
+        """Advance `count` rows of `row` length: what each holds, before any tensor."""
         ...
+
+    def build_row(self, plan: RowPlan, row: RowLength) -> dict[str, torch.Tensor]: ...
 
     def state_dict(self) -> dict: ...
 
@@ -76,7 +85,9 @@ class StepLoader:
     The global batch is one stream's next global_batch_size rows whatever the layout, so the loss
     and gradients are identical under any dp/cp/tp; cp and tp ranks get the same rows and shard
     them later. Micro-batch m of dp rank r holds rows [(m*dp + r)*b, (m*dp + r + 1)*b) of the
-    step's global batch, and a rank builds tensors for those rows only.
+    step's global batch, arranged first so that this dealing evens out the ranks' work when
+    `balance` (the document cost model, data/balance.py) is given; a rank builds tensors for its
+    own rows only.
 
     A thread keeps up to `prefetch` steps ready while the accelerator runs the current one (as
     torch's DataLoader workers do). A thread, not processes: the tokenized path's work is a few
@@ -85,7 +96,7 @@ class StepLoader:
     the last step handed out, not the thread's: a checkpoint never skips the prefetched steps."""
 
     def __init__(self, stream: Stream, schedule: RowSchedule, local_batch_size: int, global_batch_size: int, dp: int,
-                 dp_rank: int, prefetch: int = 2):
+                 dp_rank: int, prefetch: int = 2, balance: DocumentCost | None = None):
         if global_batch_size % (local_batch_size * dp):
             raise DataError(
                 f"global_batch_size={global_batch_size} is not a multiple of local_batch_size*dp = "
@@ -94,6 +105,7 @@ class StepLoader:
         self.stream, self.schedule = stream, schedule
         self.local_batch_size, self.global_batch_size = local_batch_size, global_batch_size
         self.dp, self.dp_rank, self.prefetch = dp, dp_rank, prefetch
+        self.balance = balance  # None: the stream's rows in its order (validation, training.balance = "none")
         self.grad_accum_steps = global_batch_size // (local_batch_size * dp)
         self.state = stream.state_dict()
         self.wait_seconds = 0.0  # time next_step spent blocked on the thread, over the run
@@ -107,8 +119,29 @@ class StepLoader:
     def build_step(self, step: int) -> tuple[Step, dict]:
         """Step `step`'s micro-batches and the stream's state after it (the thread's work)."""
         row, b = self.schedule.at(step), self.local_batch_size
-        rows = self.stream.next_rows(self.global_batch_size, self.owned_rows(), row)
+        plans = self.arrange(self.stream.plan_rows(self.global_batch_size, row), row)
+        rows = [self.stream.build_row(plans[offset], row) for offset in self.owned_rows()]
         return Step([collate(rows[m * b : (m + 1) * b]) for m in range(self.grad_accum_steps)], row), self.stream.state_dict()
+
+    def arrange(self, plans: list[RowPlan], row: RowLength) -> list[RowPlan]:
+        """The step's rows in the order that dealing by position balances: the stream's rows dealt
+        by cost, or for whole documents the step's documents re-packed by cost and dealt, whichever
+        the cost model finds fastest; the stream's order unless one is strictly faster. The same
+        documents in every case, and the same answer on every rank (a function of their lengths)."""
+        if self.balance is None:
+            return plans
+        options = [plans, self.dealt(plans, row)]
+        if self.stream.whole_documents:
+            repacked = repacked_rows(plans, row.tokens, self.balance)
+            if repacked is not None:
+                options.append(self.dealt(repacked, row))
+        return min(options, key=lambda option: synced_cost(self.row_costs(option, row), self.dp, self.local_batch_size))
+
+    def row_costs(self, plans: list[RowPlan], row: RowLength) -> list[int]:
+        return [self.balance.row(plan.lengths, row.padded) for plan in plans]
+
+    def dealt(self, plans: list[RowPlan], row: RowLength) -> list[RowPlan]:
+        return [plans[i] for i in deal(self.row_costs(plans, row), self.dp, self.grad_accum_steps, self.local_batch_size)]
 
     def next_step(self, step: int) -> Step:
         """Step `step` (counting from 1): the next after the last one handed out, or after the
@@ -151,6 +184,16 @@ class StepLoader:
                             "resume with the training.dataset_path it was saved with")
         self.state = state
         self.close()
+
+
+def repacked_rows(plans: list[RowPlan], capacity: int, cost: DocumentCost) -> list[RowPlan] | None:
+    """The whole documents of `plans` re-packed by cost into as many rows (balance.repack); None
+    when they do not fit that way."""
+    pieces = [(length, segment) for plan in plans for length, segment in zip(plan.lengths, plan.source)]
+    groups = repack([length for length, _ in pieces], len(plans), capacity, cost)
+    if groups is None:
+        return None
+    return [RowPlan(tuple(pieces[i][0] for i in group), tuple(pieces[i][1] for i in group)) for group in groups]
 
 
 def _build_steps(build_step, first: int, steps: queue.Queue, stop: threading.Event) -> None:

@@ -10,6 +10,7 @@ A packed row carries everything a step needs, computed here once on the data sid
 """
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,6 +67,14 @@ def pack_greedy(sizes: list[float], capacity: float) -> list[list[int]]:
     return groups
 
 
+class RowPlan(NamedTuple):
+    """A row of a step before any tensor exists: the lengths of its pieces of documents, in order
+    (what its cost depends on, data/balance.py), and what its stream builds it from."""
+
+    lengths: tuple[int, ...]
+    source: tuple | int  # PackedStream: one segment per length; TokenStream: the row's first stream token
+
+
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
@@ -90,21 +99,28 @@ class PackedStream:
             raise DataError(f"{name}: the dataset has no documents")
         self.documents, self.encode, self.pad_id = documents, encode, pad_id
         self.extra_fields, self.split_documents, self.name = extra_fields, split_documents, name
+        self.whole_documents = not split_documents  # each segment a whole document: a step's rows may be re-packed
         self.doc_index = 0  # documents consumed so far, over all epochs
         self.carry: tuple[list, ...] | None = None  # (tokens, labels, *extras) left for the next row
         self.cut = self.labelled = 0  # documents cut to a row, labelled tokens kept: in the current pass
 
-    def next_rows(self, count: int, wanted: list[int], row) -> list[dict[str, torch.Tensor]]:
-        """Advance `count` rows of row.tokens (padded to row.padded); return those at the offsets in
-        `wanted` (ascending). The others are encoded (their boundaries move every later row) but
-        never turned into tensors."""
-        wanted = set(wanted)
-        rows = []
-        for offset in range(count):
+    def plan_rows(self, count: int, row) -> list[RowPlan]:
+        """Advance `count` rows of row.tokens: each row's segments, encoded but not yet tensors.
+        Rows depend on every document before them, so all of a step's rows are planned."""
+        plans = []
+        for _ in range(count):
             segments = self._next_segments(row.tokens)
-            if offset in wanted:
-                rows.append(pack_row(segments, row.padded, self.pad_id, self.extra_fields))
-        return rows
+            plans.append(RowPlan(tuple(len(segment[0]) for segment in segments), tuple(segments)))
+        return plans
+
+    def build_row(self, plan: RowPlan, row) -> dict[str, torch.Tensor]:
+        """The planned row's tensors, padded to row.padded."""
+        return pack_row(list(plan.source), row.padded, self.pad_id, self.extra_fields)
+
+    def next_rows(self, count: int, wanted: list[int], row) -> list[dict[str, torch.Tensor]]:
+        """Advance `count` rows; return those at the offsets in `wanted` as tensors."""
+        plans = self.plan_rows(count, row)
+        return [self.build_row(plans[offset], row) for offset in wanted]
 
     def _next_segments(self, tokens: int) -> list[tuple]:
         segments, used = [], 0

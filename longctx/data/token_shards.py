@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from longctx.base import IGNORE_INDEX, DataError
-from longctx.data.packing import packed_row
+from longctx.data.packing import RowPlan, packed_row
 from longctx.data.tokenizer import HFTokenizer
 
 METADATA = "metadata.json"
@@ -137,6 +137,8 @@ class TokenStream:
     with the state one number: the stream token where the next row starts (a token offset rather
     than a row index, so it survives a change of row length)."""
 
+    whole_documents = False  # rows cut documents at fixed token offsets: they move, their pieces do not
+
     def __init__(self, corpus: TokenCorpus, pad_id: int):
         self.corpus, self.pad_id = corpus, pad_id
         self.next_token = 0
@@ -155,6 +157,32 @@ class TokenStream:
         rows = [self.row(self.next_token + offset * row.tokens, row) for offset in wanted]
         self.next_token += count * row.tokens
         return rows
+
+    def plan_rows(self, count: int, row) -> list[RowPlan]:
+        """Advance `count` rows: each row's first stream token and its pieces of documents, read
+        off the document index alone (no token is read: a rank reads the tokens of its rows only)."""
+        starts = [self.next_token + offset * row.tokens for offset in range(count)]
+        self.next_token += count * row.tokens
+        return [RowPlan(self.piece_lengths(start, row.tokens), start) for start in starts]
+
+    def build_row(self, plan: RowPlan, row):
+        return self.row(plan.source, row)
+
+    def piece_lengths(self, start: int, length: int) -> tuple[int, ...]:
+        """Lengths of the pieces of documents in stream tokens [start, start+length): the row's
+        segments, as `row` cuts them. The shard walk of TokenCorpus.span, over the index only."""
+        corpus, ends, done = self.corpus, [], 0
+        while done < length:
+            at = (start + done) % corpus.num_tokens
+            shard = int(np.searchsorted(corpus.shard_starts, at, side="right")) - 1
+            lo = at - int(corpus.shard_starts[shard])
+            hi = min(int(corpus.shard_starts[shard + 1] - corpus.shard_starts[shard]), lo + length - done)
+            shard_ends = corpus.ends[shard]
+            inside = shard_ends[np.searchsorted(shard_ends, lo, side="right") : np.searchsorted(shard_ends, hi, side="right")]
+            ends.extend((inside - lo + done).tolist())
+            done += hi - lo
+        inner = np.array([end for end in ends if end < length], dtype=np.int64)  # one ending with the row closes its last piece anyway
+        return tuple(np.diff(inner, prepend=0, append=length).tolist())
 
     def state_dict(self) -> dict:
         return {"next_token": self.next_token}
