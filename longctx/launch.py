@@ -57,6 +57,7 @@ def validate(job_config: JobConfig) -> Job:
         raise ConfigError(f"training.skip_nonfinite_steps={job_config.training.skip_nonfinite_steps} must be >= 0")
     validation.check(job_config)
     profiling.check(job_config)
+    profiling.check_folders(job_config)
     recipe = build_recipe(job_config)
     if recipe.vocab_size > model_args.vocab_size:
         raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")
@@ -87,6 +88,24 @@ def check_seq_len_schedule(training, compiled: bool) -> None:
     limit = torch._dynamo.config.recompile_limit
     if compiled and len(schedule) > limit:
         raise ConfigError(f"{shown} has {len(schedule)} stages, more than torch.compile recompiles ({limit}); use fewer stages")
+
+
+def check_output(flag: str, path: str, folder: bool = False) -> None:
+    """A command's output path (a file, or with folder=True one to create), before any work: work
+    that ends in an unwritable path is lost, and a missing parent folder created on the way would
+    hide a typo. One line naming the flag."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if folder and os.path.isfile(path):
+        problem = "is a file; give a folder path"
+    elif not folder and os.path.isdir(path):
+        problem = "is a folder; give a file path"
+    elif not os.path.isdir(parent):
+        problem = f"is in {parent!r}, which is not an existing folder; create it or fix the path"
+    elif not os.access(parent, os.W_OK):
+        problem = f"is in {parent!r}, which this user cannot write to"
+    else:
+        return
+    raise ConfigError(f"{flag} {path!r} {problem}")
 
 
 def free_port() -> int:

@@ -35,6 +35,20 @@ def check(job_config: JobConfig) -> None:
         raise ConfigError("profiling.enable_memory_snapshot records the CUDA caching allocator; this machine has no CUDA device")
 
 
+def check_folders(job_config: JobConfig) -> None:
+    """Before step 1: a trace or snapshot folder under job.dump_folder that exists as a file (or
+    under one) would fail at the first save, steps into the run."""
+    p = job_config.profiling
+    for enabled, key in ((p.enable_profiling, "save_traces_folder"), (p.enable_memory_snapshot, "save_memory_snapshot_folder")):
+        folder = os.path.abspath(os.path.join(job_config.job.dump_folder, getattr(p, key)))
+        existing = folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if enabled and not os.path.isdir(existing):
+            raise ConfigError(f"profiling.{key}={getattr(p, key)!r}: {existing} is a file, where {folder} must be a folder; "
+                              "move the file or choose another folder")
+
+
 class Profilers:
     """What the loop steps once per training step: the trace profiler and the memory snapshotter (either may be None)."""
 

@@ -30,6 +30,16 @@ def parse_args(argv: list[str]):
     return p.parse_known_args(argv)
 
 
+def check_args(args) -> None:
+    """The planner's own flags, before the config: one line naming the flag."""
+    for flag, value in (("--ngpu", args.ngpu), ("--gpus-per-host", args.gpus_per_host)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    for flag, value in (("--gpu-mem-gib", args.gpu_mem_gib), ("--host-mem-gib", args.host_mem_gib)):
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{flag} {value:g} must be a positive number of GiB")
+
+
 def layout_for(config_args: list[str], ngpu: int):
     job_config = parse_config(config_args)
     _, model_args = model_spec_and_args(job_config)
@@ -72,6 +82,7 @@ def report(job_config, model_args, layout, args) -> None:
 
 def main(argv: list[str]) -> None:
     args, config_args = parse_args(argv)
+    check_args(args)
     job_config, model_args, layout = layout_for(config_args, args.ngpu)
     report(job_config, model_args, layout, args)
 

@@ -3,6 +3,8 @@
 - Preemption through the launcher: SIGTERM to scripts/run_train.sh or SIGINT to its whole process
   group (Slurm, Ctrl-C) -> the workers save, one stop line, exit 0, no traceback, and the resumed
   run is bit-identical to an uninterrupted one; a failed run still exits non-zero.
+- Each script's own flags and output paths, and the profiler's folders, refused before any work
+  with one line naming the flag or key.
 """
 
 import os
@@ -12,7 +14,12 @@ import time
 
 import pytest
 
+from longctx import profiling
+from longctx.base import ConfigError
 from longctx.checkpoint.dcp import latest_step
+from longctx.config import parse_config
+from longctx.launch import run, validate
+from scripts import compute_logprobs, convert_dcp_to_hf, convert_hf_to_dcp, plan, show_sft, tokenize_corpus
 from tests.conftest import ROOT
 from tests.test_faults import CONSTANT_LR, args, metrics
 from tests.test_faults_torchrun import assert_same_steps, environment
@@ -80,3 +87,52 @@ def test_launcher_failed_run_exits_non_zero(tmp_path):
     proc = run_train_sh(launcher_args(tmp_path, "--training.steps", "0", steps=1), ngpu=1)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "error: training.steps=0" in stderr, stderr[-3000:]
+
+
+# ---- 2. each script's own flags and output paths ---------------------------------------------------
+
+def script_refusals(tmp) -> list[tuple]:
+    """(script main, arguments, what the one line must start with): none of them reads its input."""
+    tmp.joinpath("a_file").write_text("x")
+    a_file, missing, folder = str(tmp / "a_file"), str(tmp / "missing" / "out"), str(tmp)
+    corpus = ["--input", str(tmp / "never_read.jsonl")]
+    sft = ["--job.config_file", "train_configs/debug_sft.toml"]
+    plan_config = ["--job.config_file", "train_configs/qwen3_bench.toml"]
+    return [
+        (tokenize_corpus.main, [*corpus, "--output", str(tmp / "t"), "--workers", "0"], "--workers 0 must be >= 1"),
+        (tokenize_corpus.main, [*corpus, "--output", str(tmp / "t"), "--shard-tokens", "0"], "--shard-tokens 0 must be >= 1"),
+        (tokenize_corpus.main, [*corpus, "--output", a_file], f"--output '{a_file}' is a file"),
+        (tokenize_corpus.main, [*corpus, "--output", missing], f"--output '{missing}' is in '{tmp}/missing', which is not"),
+        (plan.main, [*plan_config, "--ngpu", "0"], "--ngpu 0 must be >= 1"),
+        (plan.main, [*plan_config, "--gpus-per-host", "0"], "--gpus-per-host 0 must be >= 1"),
+        (plan.main, [*plan_config, "--gpu-mem-gib", "-1"], "--gpu-mem-gib -1 must be a positive number of GiB"),
+        (plan.main, [*plan_config, "--host-mem-gib", "nan"], "--host-mem-gib nan must be a positive number of GiB"),
+        (show_sft.main, [*sft, "--output", str(tmp / "o.jsonl"), "--limit", "-1"], "--limit -1 must be >= 0"),
+        (show_sft.main, [*sft, "--output", str(tmp / "o.jsonl"), "--print", "-1"], "--print -1 must be >= 0"),
+        (show_sft.main, [*sft, "--output", folder], f"--output '{folder}' is a folder"),
+        (show_sft.main, [*sft, "--output", missing], f"--output '{missing}' is in '{tmp}/missing', which is not"),
+        (compute_logprobs.main, ["--model-dir", folder, *corpus, "--output", folder], f"--output '{folder}' is a folder"),
+        (convert_hf_to_dcp.main, [folder, missing], f"DCP_DIR '{missing}' is in '{tmp}/missing', which is not"),
+        (convert_dcp_to_hf.main, [folder, missing, "--job.config_file", DEBUG], f"HF_DIR '{missing}' is in '{tmp}/missing'"),
+    ]
+
+
+def test_script_flags_and_outputs_are_refused_first_in_one_line(tmp_path, capsys):
+    for main, argv, line in script_refusals(tmp_path):
+        assert run(main, argv) == 2, (main.__module__, argv)
+        errors = capsys.readouterr().err.splitlines()
+        assert len(errors) == 1 and errors[0].startswith(f"error: {line}"), (main.__module__, errors)
+    assert not os.path.exists(tmp_path / "missing") and not os.path.exists(tmp_path / "o.jsonl")
+
+
+@pytest.mark.parametrize("key", ["save_traces_folder", "save_memory_snapshot_folder"])
+def test_profiler_folder_that_is_a_file_is_refused_before_step_1(tmp_path, key):
+    (tmp_path / "taken").write_text("a file where the profiler writes its folder")
+    enable = "enable_profiling" if key == "save_traces_folder" else "enable_memory_snapshot"
+    job_config = parse_config(["--job.config_file", DEBUG, "--job.dump_folder", str(tmp_path),
+                               f"--profiling.{enable}", f"--profiling.{key}", "taken/inner"])
+    with pytest.raises(ConfigError, match=f"profiling.{key}='taken/inner': {tmp_path}/taken is a file"):
+        profiling.check_folders(job_config)
+    if key == "save_traces_folder":  # the whole check, as train.py's main runs it (snapshots need CUDA first)
+        with pytest.raises(ConfigError, match=f"profiling.{key}"):
+            validate(job_config)
