@@ -5,26 +5,34 @@
   run is bit-identical to an uninterrupted one; a failed run still exits non-zero.
 - Each script's own flags and output paths, and the profiler's folders, refused before any work
   with one line naming the flag or key.
+- A damaged token folder is refused when opened, naming the damaged file.
 """
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from longctx import profiling
-from longctx.base import ConfigError
+from longctx.base import ConfigError, DataError
 from longctx.checkpoint.dcp import latest_step
 from longctx.config import parse_config
+from longctx.data.tokenize_corpus import tokenize_corpus as tokenize
 from longctx.launch import run, validate
+from longctx.recipes import build_recipe
+from longctx.train import main as train_main
 from scripts import compute_logprobs, convert_dcp_to_hf, convert_hf_to_dcp, plan, show_sft, tokenize_corpus
 from tests.conftest import ROOT
 from tests.test_faults import CONSTANT_LR, args, metrics
 from tests.test_faults_torchrun import assert_same_steps, environment
 
 DEBUG = "train_configs/debug.toml"
+ASSETS = os.path.join(ROOT, "assets", "debug")
 
 
 # ---- 1. preemption through the launcher ------------------------------------------------------------
@@ -136,3 +144,75 @@ def test_profiler_folder_that_is_a_file_is_refused_before_step_1(tmp_path, key):
     if key == "save_traces_folder":  # the whole check, as train.py's main runs it (snapshots need CUDA first)
         with pytest.raises(ConfigError, match=f"profiling.{key}"):
             validate(job_config)
+
+
+# ---- 3. token folders verified when opened ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory) -> str:
+    """12 documents of the debug corpus in shards of ~300 tokens (several)."""
+    tmp = tmp_path_factory.mktemp("tokens")
+    corpus = tmp / "corpus.jsonl"
+    with open(os.path.join(ASSETS, "corpus.jsonl")) as f:
+        corpus.write_text("".join(f.readlines()[:12]))
+    tokenize(str(corpus), str(tmp / "tokens"), ASSETS, "auto", "text", workers=1, shard_tokens=300)
+    return str(tmp / "tokens")
+
+
+def cut(path: str, keep: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def overwrite(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def set_dtype(folder: str, dtype: str) -> None:
+    path = os.path.join(folder, "metadata.json")
+    metadata = json.load(open(path))
+    json.dump(dict(metadata, dtype=dtype), open(path, "w"))
+
+
+DAMAGE = {  # name -> (damage(folder), how the line goes on after the folder, what else it says)
+    "shard cut short": (lambda d: cut(f"{d}/shard-00001.bin", 100), "/shard-00001.bin has 100 bytes", "tokenize the corpus again"),
+    "shard missing": (lambda d: os.remove(f"{d}/shard-00002.bin"), "/shard-00002.bin is missing", "tokenize the corpus again"),
+    "bytes of 0xFF": (lambda d: overwrite(f"{d}/shard-00001.bin", 20, b"\xff\xff"), "/shard-00001.bin holds token id 65535",
+                      "but the tokenizer has 506 tokens"),
+    "index cut": (lambda d: cut(f"{d}/shard-00000.idx.npy", 90), "/shard-00000.idx.npy is unreadable", ""),
+    "index out of order": (lambda d: np.save(f"{d}/shard-00000.idx.npy", np.load(f"{d}/shard-00000.idx.npy")[::-1].copy()),
+                           "/shard-00000.idx.npy does not index its shard", ""),
+    "metadata cut": (lambda d: cut(f"{d}/metadata.json", 200), "/metadata.json is not valid JSON", ""),
+    "metadata not JSON": (lambda d: open(f"{d}/metadata.json", "w").write("tokens, I think"), "/metadata.json is not valid JSON", ""),
+    "unknown dtype": (lambda d: set_dtype(d, "float32"), "/metadata.json is damaged", "dtype (uint16 or uint32)"),
+    "no metadata": (lambda d: os.remove(f"{d}/metadata.json"), " holds shard files but no metadata.json",
+                    "an unfinished tokenize_corpus run"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_token_folder_is_refused_naming_the_file(token_dir, tmp_path, damage):
+    folder = str(tmp_path / "tokens")
+    shutil.copytree(token_dir, folder)
+    harm, names, says = DAMAGE[damage]
+    harm(folder)
+    with pytest.raises(DataError) as refused:
+        build_recipe(parse_config(["--training.dataset_path", folder, "--model.hf_assets_path", ASSETS]))
+    message = str(refused.value)
+    assert message.startswith(f"{folder}{names}"), message
+    assert says in message and "\n" not in message
+
+
+def test_truncated_shard_is_refused_before_step_1(token_dir, tmp_path, capsys):
+    """Before: nine steps trained, then an IndexError. Now exit 2 and one line, through train.py's main."""
+    folder = str(tmp_path / "tokens")
+    shutil.copytree(token_dir, folder)
+    cut(f"{folder}/shard-00003.bin", 10)
+    code = run(train_main, ["--job.config_file", DEBUG, "--training.dataset_path", folder, "--job.dump_folder", str(tmp_path / "d")])
+    assert code == 2 and capsys.readouterr().err.splitlines() == [
+        f"error: {folder}/shard-00003.bin has 10 bytes; metadata.json records "
+        f"{json.load(open(f'{folder}/metadata.json'))['shards'][3]['num_tokens']} uint16 tokens "
+        f"({2 * json.load(open(f'{folder}/metadata.json'))['shards'][3]['num_tokens']} bytes): the shard is damaged, "
+        "tokenize the corpus again"]
