@@ -31,12 +31,13 @@ from longctx.recipes import Recipe, build_recipe
 
 class Job(NamedTuple):
     """What a job config decides, checked: the model family and dimensions, the layout on this
-    many processes, and the recipe with its data opened."""
+    many processes, and the recipe with its data opened (and the held-out one, with validation)."""
 
     spec: ModelSpec
     model_args: DecoderArgs
     parallel_dims: ParallelDims
     recipe: Recipe
+    held_out: Recipe | None = None  # validation.dataset_path through the same recipe; None without validation
 
 
 def validate(job_config: JobConfig) -> Job:
@@ -49,7 +50,8 @@ def validate(job_config: JobConfig) -> Job:
     ac = job_config.activation_checkpoint
     blocks_to_checkpoint(ac.mode, ac.selective_ac_option, model_args.n_layers)  # refuses a bad mode or option
     if ac.cpu_offload and ac.mode == "none":
-        raise ConfigError("activation_checkpoint.cpu_offload parks checkpointed block inputs; set activation_checkpoint.mode full or selective")
+        raise ConfigError("activation_checkpoint.cpu_offload parks checkpointed block inputs; "
+                          "set activation_checkpoint.mode full or selective")
     if ac.mlp_chunk_size < 0 or (ac.mlp_chunk_size and parallel_dims.tp > 1):
         raise ConfigError(f"activation_checkpoint.mlp_chunk_size={ac.mlp_chunk_size}: give 0 (off) or a positive number of "
                           f"tokens, and 0 under tensor parallel (which already splits the MLP's hidden_dim by tp)")
@@ -59,15 +61,31 @@ def validate(job_config: JobConfig) -> Job:
     profiling.check(job_config)
     profiling.check_folders(job_config)
     recipe = build_recipe(job_config)
-    if recipe.vocab_size > model_args.vocab_size:
-        raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")
+    check_recipe(recipe, model_args.vocab_size, ("training.seq_len", job_config.training.seq_len))
+    held_out = None
+    if job_config.validation.enable:  # held-out data is read and checked exactly as training data
+        held_out = build_recipe(job_config, "validation")
+        check_recipe(held_out, model_args.vocab_size, validation.held_out_rows(job_config)[0])
+    return Job(spec, model_args, parallel_dims, recipe, held_out)
+
+
+def check_recipe(recipe: Recipe, vocab_size: int, longest_row: tuple[str, int]) -> None:
+    """A recipe's data against the model and the longest row (the key that sets it, its tokens)."""
+    if recipe.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {vocab_size}")
     # Token ids given as numbers in the data (policy rollouts); out of range, one would be a
     # device-side assert at the step that reaches it.
     largest_id, where = getattr(recipe, "largest_token_id", (-1, ""))
-    if largest_id >= model_args.vocab_size:
-        raise DataError(f"{where}: token id {largest_id} >= the model's vocab_size {model_args.vocab_size}; "
+    if largest_id >= vocab_size:
+        raise DataError(f"{where}: token id {largest_id} >= the model's vocab_size {vocab_size}; "
                         "the rollouts were tokenized for another model")
-    return Job(spec, model_args, parallel_dims, recipe)
+    # Documents a recipe trains whole (policy rollouts): one longer than the longest row would be
+    # cut at every stage, its tail never trained.
+    longest, where = getattr(recipe, "longest_document", (0, ""))
+    key, tokens = longest_row
+    if longest > tokens:
+        raise DataError(f"{where}: the rollout has {longest} tokens, more than {key}={tokens}; "
+                        f"a rollout trains whole: raise {key} or drop the rollout")
 
 
 def check_seq_len_schedule(training, compiled: bool) -> None:

@@ -6,9 +6,16 @@
 - Each script's own flags and output paths, and the profiler's folders, refused before any work
   with one line naming the flag or key.
 - A damaged token folder is refused when opened, naming the damaged file.
+- Held-out data is read and checked before any process group, exactly as training data, and a
+  refusal names validation.*.
+- Recipes x features: a policy rollout longer than training.seq_len is refused before step 1;
+  SFT and policy train under a seq_len_schedule (rows at each stage's length, long ones cut and
+  counted); SFT records that would train nonsense are refused with file:line.
+- The right key blamed: recipe.chat_template_kwargs, the template file, --ngpu (above).
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,8 +24,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
 
-from longctx import profiling
+from longctx import profiling, train
 from longctx.base import ConfigError, DataError
 from longctx.checkpoint.dcp import latest_step
 from longctx.config import parse_config
@@ -28,11 +37,24 @@ from longctx.recipes import build_recipe
 from longctx.train import main as train_main
 from scripts import compute_logprobs, convert_dcp_to_hf, convert_hf_to_dcp, plan, show_sft, tokenize_corpus
 from tests.conftest import ROOT
+from tests.test_chat_template import assets_with
 from tests.test_faults import CONSTANT_LR, args, metrics
 from tests.test_faults_torchrun import assert_same_steps, environment
+from tests.test_recipes import rank_env
 
 DEBUG = "train_configs/debug.toml"
 ASSETS = os.path.join(ROOT, "assets", "debug")
+SFT, POLICY = "train_configs/debug_sft.toml", "train_configs/debug_policy.toml"
+DEBUG_VOCAB = 2048  # the debug model's vocab_size
+
+
+def jsonl(path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def rollout(prompt: int, response: int, **extra) -> dict:
+    return {"prompt_ids": [5] * prompt, "response_ids": [7] * response, "advantage": 1.0, **extra}
 
 
 # ---- 1. preemption through the launcher ------------------------------------------------------------
@@ -216,3 +238,144 @@ def test_truncated_shard_is_refused_before_step_1(token_dir, tmp_path, capsys):
         f"{json.load(open(f'{folder}/metadata.json'))['shards'][3]['num_tokens']} uint16 tokens "
         f"({2 * json.load(open(f'{folder}/metadata.json'))['shards'][3]['num_tokens']} bytes): the shard is damaged, "
         "tokenize the corpus again"]
+
+
+# ---- 4. held-out data read and checked as training data --------------------------------------------
+
+def held_out_job(tmp_path, config: str, held_out: str, *extra: str):
+    return validate(parse_config(["--job.config_file", config, "--job.dump_folder", str(tmp_path / "dump"),
+                                  "--validation.enable", "--validation.dataset_path", held_out, *extra]))
+
+
+def test_held_out_data_is_checked_before_any_process_group(tmp_path):
+    empty = jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError, match=f"^validation.dataset_path='{empty}' has no documents"):
+        held_out_job(tmp_path, DEBUG, empty)
+    big_id = jsonl(tmp_path / "ids.jsonl", [rollout(2, 1), {**rollout(2, 1), "response_ids": [DEBUG_VOCAB]}])
+    with pytest.raises(DataError, match=f"^{big_id}:2: token id {DEBUG_VOCAB} >= the model's vocab_size {DEBUG_VOCAB}"):
+        held_out_job(tmp_path, POLICY, big_id)
+    long = jsonl(tmp_path / "long.jsonl", [rollout(2, 1), rollout(30, 10)])
+    with pytest.raises(DataError, match=f"^{long}:2: the rollout has 40 tokens, more than validation.seq_len=32"):
+        held_out_job(tmp_path, POLICY, long, "--validation.seq_len", "32")
+    job = held_out_job(tmp_path, POLICY, long)  # rows of training.seq_len=256 hold it
+    assert job.held_out is not job.recipe and len(job.held_out.documents) == 2
+
+
+# ---- 5. recipes x features --------------------------------------------------------------------------
+
+def test_rollout_longer_than_seq_len_is_refused_before_step_1(tmp_path, capsys):
+    path = jsonl(tmp_path / "rollouts.jsonl", [rollout(4, 2), rollout(250, 20)])
+    code = run(train_main, ["--job.config_file", POLICY, "--training.dataset_path", path, "--job.dump_folder", str(tmp_path)])
+    assert code == 2 and capsys.readouterr().err.splitlines() == [
+        f"error: {path}:2: the rollout has 270 tokens, more than training.seq_len=256; "
+        "a rollout trains whole: raise training.seq_len or drop the rollout"]
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+class RecordedRows:
+    """A recipe whose streams record the length of every row they build (the loader's thread calls them)."""
+
+    def __init__(self, recipe):
+        self.recipe, self.rows = recipe, []
+
+    def __getattr__(self, name):
+        return getattr(self.recipe, name)
+
+    def build_stream(self):
+        stream = self.recipe.build_stream()
+        next_rows = stream.next_rows
+
+        def recorded(count, wanted, row):
+            rows = next_rows(count, wanted, row)
+            self.rows.append((row.tokens, [len(r["input_ids"]) for r in rows]))
+            return rows
+
+        stream.next_rows = recorded
+        return stream
+
+
+def staged_run(tmp_path, config: str, dataset: str) -> tuple[list[dict], list]:
+    """10 steps through train.train under seq_len_schedule = [[0, 64], [10, 256]], one row a step."""
+    staged = tmp_path / "staged.toml"
+    text = open(os.path.join(ROOT, config)).read()
+    staged.write_text(text.replace("seq_len = 256", "seq_len = 256\nseq_len_schedule = [[0, 64], [10, 256]]", 1))
+    job_config = parse_config(["--job.config_file", str(staged), "--job.dump_folder", str(tmp_path / "run"),
+                               "--training.dataset_path", dataset, "--training.steps", "10", "--training.local_batch_size", "1",
+                               "--metrics.log_freq", "1",
+                               "--metrics.no-enable-tensorboard"])
+    job = validate(job_config)
+    recipe = RecordedRows(job.recipe)
+    with rank_env():
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            _, records = train.train(job_config, job._replace(recipe=recipe), torch.device("cpu"))
+        finally:
+            dist.destroy_process_group()
+    return records, recipe.rows
+
+
+@pytest.mark.parametrize("config", [SFT, POLICY])
+def test_sft_and_policy_train_under_a_seq_len_schedule(tmp_path, config, capsys):
+    """Rows of 64 tokens through step 9, of 256 at step 10; a conversation or rollout longer than
+    the first stage is cut to it and counted at the end of each pass (6 records: a pass every few steps)."""
+    if config == SFT:
+        with open(os.path.join(ASSETS, "sft.jsonl")) as f:
+            records = [json.loads(line) for line in f.readlines()[:6]]  # 67 to 108 tokens: most longer than 64
+    else:
+        records = [rollout(8, 8), rollout(40, 40), rollout(6, 3), rollout(20, 10), rollout(70, 30), rollout(5, 5)]
+    dataset = jsonl(tmp_path / "data.jsonl", records)
+    logged, rows = staged_run(tmp_path, config, dataset)
+    assert [r["step"] for r in logged] == list(range(1, 11)) and all(math.isfinite(r["loss"]) for r in logged)
+    assert [tokens for tokens, _ in rows[:10]] == [64] * 9 + [256]
+    assert all(lengths == [tokens] for tokens, lengths in rows)  # one rank, one row: padded to its stage's length
+    cut = [line for line in capsys.readouterr().out.splitlines() if "were cut to rows of 64 tokens" in line]
+    assert cut and cut[0].endswith("of 6 were cut to rows of 64 tokens in this pass; "
+                                   "raise training.seq_len (or the schedule's stage) to train them whole"), cut
+
+
+SFT_NONSENSE = {  # record -> what its one line says after file:line
+    "assistant without content": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]},
+                                  "message 2: the assistant's content is missing; give a string"),
+    "assistant content a list": ({"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]},
+                                 "message 2: the assistant's content is [{'type': 'text', 'text': 'yo'}] (a list)"),
+    "tools not a list of objects": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                                     "tools": ["add"]}, "tools is ['add'] (a list); give a list of objects"),
+    "arguments neither object nor JSON of one": (
+        {"messages": [{"role": "user", "content": "4 plus 4 ?"},
+                      {"role": "assistant", "tool_calls": [{"function": {"name": "add", "arguments": "a=4, b=4"}}]}]},
+        "message 2: the tool call {'function': {'name': 'add', 'arguments': 'a=4, b=4'}} (a dict) needs a string name"),
+    "assistant before any user": ({"messages": [{"role": "system", "content": "be brief ."},
+                                                {"role": "assistant", "content": "hello ."}, {"role": "user", "content": "hi"}]},
+                                  "message 2 is an assistant turn before any user turn"),
+}
+
+
+@pytest.mark.parametrize("case", SFT_NONSENSE)
+def test_sft_record_that_trains_nonsense_is_refused_with_file_and_line(tmp_path, case):
+    record, says = SFT_NONSENSE[case]
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo",
+                          "tool_calls": [{"function": {"name": "add", "arguments": '{"a": 4}'}}]}]}
+    path = jsonl(tmp_path / "sft.jsonl", [good, record])
+    recipe = build_recipe(parse_config(["--job.config_file", SFT, "--training.dataset_path", path]))
+    recipe.encode_at(0)  # content beside tool_calls, arguments as a JSON string: fine
+    with pytest.raises(DataError) as refused:
+        recipe.encode_at(1)
+    assert str(refused.value).startswith(f"{path}:2: {says}"), str(refused.value)
+
+
+# ---- 6. the right key blamed ------------------------------------------------------------------------
+
+def test_template_problems_blame_the_key_or_file_once(tmp_path, capsys):
+    """Before: each blamed on line 1 of the data."""
+    code = run(train_main, ["--job.config_file", SFT, "--job.dump_folder", str(tmp_path),
+                            "--recipe.chat_template_kwargs", "add_generation_prompt", "True"])
+    assert code == 2 and capsys.readouterr().err.splitlines() == [
+        "error: recipe.chat_template_kwargs sets 'add_generation_prompt', which the recipe passes to the template itself "
+        "(messages, tools, documents, add_generation_prompt); remove it"]
+    folder = assets_with(tmp_path, "no_marker", template="{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    for config in (SFT, POLICY):
+        with pytest.raises(DataError, match=f"^the chat template 'default' of {folder}/tokenizer_config.json renders no "
+                                            "assistant turn as '<.im_start.>assistant.n ... <.im_end.>'"):
+            build_recipe(parse_config(["--job.config_file", config, "--model.hf_assets_path", folder,
+                                       "--recipe.apply_chat_template"]))
