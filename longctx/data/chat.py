@@ -176,6 +176,7 @@ class ChatTemplate:
 
 
 def check_roles(messages) -> None:
+    """The shape every template reads: a list of objects, each with a string role."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise DataError("messages must be a list of {\"role\": str, ...} objects")
 
