@@ -53,8 +53,8 @@ def jsonl(path, records: list[dict]) -> str:
     return str(path)
 
 
-def rollout(prompt: int, response: int, **extra) -> dict:
-    return {"prompt_ids": [5] * prompt, "response_ids": [7] * response, "advantage": 1.0, **extra}
+def rollout(prompt: int, response: int) -> dict:
+    return {"prompt_ids": [5] * prompt, "response_ids": [7] * response, "advantage": 1.0}
 
 
 # ---- 1. preemption through the launcher ------------------------------------------------------------
