@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from longctx import validation
 from longctx.base import ConfigError, DataError, UserError, global_rank, log
 from longctx.config import JobConfig
 from longctx.modeling import model_spec_and_args
@@ -35,32 +36,52 @@ from longctx.recipes import Recipe, build_recipe
 
 class Job(NamedTuple):
     """What a job config decides, checked: the model family and dimensions, the layout on this
-    many processes, the recipe with its data opened, and how the model is wrapped and run."""
+    many processes, the recipe with its data opened (and the held-out one, with validation), and how
+    the model is wrapped and run."""
 
     spec: ModelSpec
     model_args: DecoderArgs
     parallel_dims: ParallelDims
     recipe: Recipe
     settings: ModelSettings
+    held_out: Recipe | None = None  # validation.dataset_path through the same recipe; None without validation
 
 
 def validate(job_config: JobConfig) -> Job:
     """Everything that can be refused before a process group exists and needs the model or the data
     (config values alone are parse_config's VALUE_RULES): family and flavor, layout against the
-    heads, tokenizer and data. Each refusal is a UserError naming the key or file."""
+    heads, tokenizer and data, training and held-out alike. Each refusal is a UserError naming the
+    key or file."""
     spec, model_args = model_spec_and_args(job_config)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     parallel_dims = ParallelDims.from_config(job_config.parallelism, world_size, model_args.n_heads, model_args.n_kv_heads)
     recipe = build_recipe(job_config)
-    if recipe.vocab_size > model_args.vocab_size:
-        raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {model_args.vocab_size}")
+    check_recipe(recipe, model_args.vocab_size, ("training.seq_len", job_config.training.seq_len))
+    held_out = None
+    if job_config.validation.enable:  # held-out data is read and checked exactly as training data
+        held_out = build_recipe(job_config, "validation")
+        check_recipe(held_out, model_args.vocab_size, validation.held_out_rows(job_config)[0])
+    settings = model_settings(job_config, model_args, parallel_dims)
+    return Job(spec, model_args, parallel_dims, recipe, settings, held_out)
+
+
+def check_recipe(recipe: Recipe, vocab_size: int, longest_row: tuple[str, int]) -> None:
+    """A recipe's data against the model and the longest row (the key that sets it, its tokens)."""
+    if recipe.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer vocab {recipe.vocab_size} exceeds the model's vocab_size {vocab_size}")
     # Token ids given as numbers in the data (policy rollouts); out of range, one would be a
     # device-side assert at the step that reaches it.
     largest_id, where = getattr(recipe, "largest_token_id", (-1, ""))
-    if largest_id >= model_args.vocab_size:
-        raise DataError(f"{where}: token id {largest_id} >= the model's vocab_size {model_args.vocab_size}; "
+    if largest_id >= vocab_size:
+        raise DataError(f"{where}: token id {largest_id} >= the model's vocab_size {vocab_size}; "
                         "the rollouts were tokenized for another model")
-    return Job(spec, model_args, parallel_dims, recipe, model_settings(job_config, model_args, parallel_dims))
+    # Documents a recipe trains whole (policy rollouts): one longer than the longest row would be
+    # cut at every stage, its tail never trained.
+    longest, where = getattr(recipe, "longest_document", (0, ""))
+    key, tokens = longest_row
+    if longest > tokens:
+        raise DataError(f"{where}: the rollout has {longest} tokens, more than {key}={tokens}; "
+                        f"a rollout trains whole: raise {key} or drop the rollout")
 
 
 def model_settings(job_config: JobConfig, model_args: DecoderArgs, parallel_dims: ParallelDims,
@@ -122,6 +143,24 @@ def device_memory(device_type: str) -> int:
     if device_type == "cuda":
         return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_output(flag: str, path: str, folder: bool = False) -> None:
+    """A command's output path (a file, or with folder=True one to create), before any work: work
+    that ends in an unwritable path is lost, and a missing parent folder created on the way would
+    hide a typo. One line naming the flag."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if folder and os.path.isfile(path):
+        problem = "is a file; give a folder path"
+    elif not folder and os.path.isdir(path):
+        problem = "is a folder; give a file path"
+    elif not os.path.isdir(parent):
+        problem = f"is in {parent!r}, which is not an existing folder; create it or fix the path"
+    elif not os.access(parent, os.W_OK):
+        problem = f"is in {parent!r}, which this user cannot write to"
+    else:
+        return
+    raise ConfigError(f"{flag} {path!r} {problem}")
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torchtitan.distributed.utils import clip_grad_norm_
 
-from longctx.base import IGNORE_INDEX, DataError, log
+from longctx.base import IGNORE_INDEX, log
 from longctx.checkpoint.manager import Checkpointer
 from longctx.checkpoint.source import weight_source
 from longctx.config import JobConfig, parse_config
@@ -224,10 +224,9 @@ def train(job_config: JobConfig, job: Job, device, signals: "StopSignals | None"
     """Build model, optimizer, schedule and data; run the loop. Returns (model, logged records).
     Needs an initialized process group; leaves it alive (tests run several layouts in one group).
     `signals`: SIGTERM/SIGINT caught since the command started (default: from the loop's start)."""
-    spec, model_args, parallel_dims, recipe, settings = job
+    spec, model_args, parallel_dims, recipe, settings = job.spec, job.model_args, job.parallel_dims, job.recipe, job.settings
     training = job_config.training
     schedule = RowSchedule.from_training(training, parallel_dims.seq_multiple)  # the one owner of row length
-    check_documents_fit(recipe, schedule)
     log(f"{spec.name} {job_config.model.flavor}: {model_args.num_params() / 1e6:.1f}M params; "
         f"dp_replicate={parallel_dims.dp_replicate} dp_shard={parallel_dims.dp_shard} cp={parallel_dims.cp} tp={parallel_dims.tp}; "
         f"{settings.describe()}")
@@ -247,7 +246,7 @@ def train(job_config: JobConfig, job: Job, device, signals: "StopSignals | None"
         log(f"the run's checkpoint is at step {start} and training.steps={training.steps}: nothing left to train; "
             "raise training.steps to continue")
     metrics = MetricsLogger(job_config, device, model_args, training.steps, dist.get_rank(), start)
-    validator = Validator(job_config, parallel_dims) if job_config.validation.enable else None
+    validator = Validator(job_config, parallel_dims, job.held_out) if job.held_out is not None else None
     records = []
     try:
         stops = contextlib.nullcontext(signals) if signals is not None else StopSignals()
@@ -274,14 +273,6 @@ def train(job_config: JobConfig, job: Job, device, signals: "StopSignals | None"
         metrics.close()
         checkpointer.close()
     return model, records
-
-
-def check_documents_fit(recipe, schedule: RowSchedule) -> None:
-    """Documents a recipe trains whole (policy rollouts, checked before step 1) must fit the longest row."""
-    longest, where = getattr(recipe, "longest_document", (0, ""))
-    if longest > schedule.longest.tokens:
-        raise DataError(f"{where}: the rollout has {longest} tokens, more than training.seq_len={schedule.longest.tokens}; "
-                        "a rollout trains whole: raise training.seq_len or drop the rollout")
 
 
 def stop_line(received: str | None, step: int, job_config: JobConfig) -> str:

@@ -19,7 +19,6 @@ scalars cross ranks.
 
 import argparse
 import json
-import os
 
 import torch
 import torch.distributed as dist
@@ -29,7 +28,7 @@ from longctx.checkpoint.source import weight_source
 from longctx.config import parse_config
 from longctx.data.documents import load_documents
 from longctx.data.packing import collate, pack_greedy, pack_row
-from longctx.launch import distributed, run_command, validate
+from longctx.launch import check_output, distributed, run_command, validate
 from longctx.modeling import build_model, hf_folder_args
 from longctx.parallelisms.context_parallel import unshard_row
 from longctx.parallelisms.settings import forward_context, loss_context
@@ -44,14 +43,6 @@ def config_args(model_dir: str | None, input_path: str, overrides: list[str]) ->
 
 def read_jsonl(path: str) -> list[dict]:
     return list(load_documents(path, "json", text_field=None))
-
-
-def check_output(path: str) -> None:
-    """Before any forward: a path that cannot be written would otherwise fail after all of them."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or os.path.isdir(path):
-        problem = "is a folder" if os.path.isdir(path) else f"is in {folder!r}, which does not exist"
-        raise ConfigError(f"--output {path!r} {problem}; give a file path in an existing folder")
 
 
 @torch.no_grad()
@@ -70,7 +61,7 @@ def score_row(model, recipe, row: dict, parallel_dims, settings, device) -> torc
 
 def compute_logprobs(job_config, job, rollouts: list[dict], device) -> dict[int, list[float]]:
     """{rollout index: response log-probs} for the rows of this rank's dp group (a process group must exist)."""
-    spec, model_args, parallel_dims, recipe, settings = job
+    spec, model_args, parallel_dims, recipe, settings = job.spec, job.model_args, job.parallel_dims, job.recipe, job.settings
     # The run's own step (checkpoint.enable) is read like any model-only checkpoint: no optimizer.
     model = build_model(spec, model_args, parallel_dims, settings, device, weight_source(job_config).model_only())
     segments = [recipe.encode(rollout) for rollout in rollouts]
@@ -100,7 +91,7 @@ def main(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     if not args.model_dir and not any(a.split("=")[0] == "--job.config_file" for a in overrides):
         raise ConfigError("give --model-dir HF_DIR, or --job.config_file CONFIG with the checkpoint to score")
-    check_output(args.output)
+    check_output("--output", args.output)  # before any forward: a bad path would fail after all of them
     job_config = parse_config(config_args(args.model_dir, args.input, overrides))
     job = validate(job_config)
     rollouts = read_jsonl(args.input)

@@ -19,11 +19,12 @@ from longctx.checkpoint.files import refuse_existing
 from longctx.checkpoint.hf import export_hf
 from longctx.checkpoint.source import WeightSource
 from longctx.config import parse_config
-from longctx.launch import distributed, run_command
+from longctx.launch import check_output, distributed, run_command
 from longctx.modeling import build_single_layout_model
 
 
 def convert(dcp_dir: str, hf_dir: str, config_args: list[str], dtype: str | None) -> None:
+    check_output("HF_DIR", hf_dir, folder=True)
     refuse_existing(hf_dir)
     job_config = parse_config(config_args)
     source = WeightSource("dcp", resolve_dcp_path(dcp_dir), " (converting to Hugging Face)")
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Other --section.key VALUE arguments override the job config.")
     parser.add_argument("dcp_dir", metavar="DCP_DIR", help="DCP step folder, or a checkpoint folder of step-N")
-    parser.add_argument("hf_dir", metavar="HF_DIR", help="output folder; must not exist yet")
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="output folder; must not exist yet (its parent must)")
     parser.add_argument("--job.config_file", dest="config_file", metavar="CONFIG", required=True,
                         help="the training job's TOML (model.name, model.flavor, model.hf_assets_path)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: checkpoint.export_dtype")

@@ -18,11 +18,12 @@ from longctx.base import log
 from longctx.checkpoint.dcp import save_dcp_model
 from longctx.checkpoint.files import refuse_existing
 from longctx.config import parse_config
-from longctx.launch import distributed, run_command
+from longctx.launch import check_output, distributed, run_command
 from longctx.modeling import build_single_layout_model, hf_folder_args
 
 
 def convert(hf_dir: str, dcp_dir: str) -> None:
+    check_output("DCP_DIR", dcp_dir, folder=True)
     refuse_existing(dcp_dir)
     job_config = parse_config(hf_folder_args(hf_dir))  # weights loaded and checked from HF_DIR
     with distributed(job_config) as device:
@@ -34,7 +35,7 @@ def convert(hf_dir: str, dcp_dir: str) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder (config.json + *.safetensors)")
-    parser.add_argument("dcp_dir", metavar="DCP_DIR", help="output folder; must not exist yet")
+    parser.add_argument("dcp_dir", metavar="DCP_DIR", help="output folder; must not exist yet (its parent must)")
     args = parser.parse_args(argv)
     convert(args.hf_dir, args.dcp_dir)
 

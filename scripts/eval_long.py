@@ -167,7 +167,7 @@ def save_heat_map(path: str, accuracy: dict, lengths: list[int], depths: list[fl
 
 def evaluate(job_config, job, args, device) -> dict | None:
     """Both evaluations; the results on rank 0, None elsewhere (a process group must exist)."""
-    spec, model_args, parallel_dims, recipe, settings = job
+    spec, model_args, parallel_dims, recipe, settings = job.spec, job.model_args, job.parallel_dims, job.recipe, job.settings
     if parallel_dims.tp > 1:
         raise ConfigError("eval_long.py runs dp and cp layouts; use parallelism.context_parallel_degree to split long rows")
     # With checkpoint.enable, the run's own latest (or load_step) checkpoint, weights only.

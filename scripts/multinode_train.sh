@@ -14,7 +14,8 @@ NGPU=${NGPU:-8}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-train}}  # the same on every node of one job, different between jobs
 CONFIG_FILE=${CONFIG_FILE:-train_configs/debug.toml}
 
-exec torchrun \
+source scripts/preemption.sh  # SIGTERM/SIGINT go to the workers, which save and exit 0
+torchrun_preemptible \
     --nnodes "$NNODES" --nproc_per_node "$NGPU" \
     --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID" \
     train.py --job.config_file "$CONFIG_FILE" "$@"

@@ -12,6 +12,7 @@ planned-vs-measured table of docs/performance.md (scripts/bench_memory.py measur
 import argparse
 import dataclasses
 
+from longctx.base import ConfigError
 from longctx.config import parse_config
 from longctx.launch import auto_candidates, model_settings, run_command
 from longctx.modeling import model_spec_and_args
@@ -30,6 +31,16 @@ def parse_args(argv: list[str]):
     p.add_argument("--explain", action="store_true",
                    help="with activation_checkpoint.mode auto: the fastest fit (or smallest peak) of every memory feature set")
     return p.parse_known_args(argv)
+
+
+def check_args(args) -> None:
+    """The planner's own flags, before the config: one line naming the flag."""
+    for flag, value in (("--ngpu", args.ngpu), ("--gpus-per-host", args.gpus_per_host)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    for flag, value in (("--gpu-mem-gib", args.gpu_mem_gib), ("--host-mem-gib", args.host_mem_gib)):
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{flag} {value:g} must be a positive number of GiB")
 
 
 def plan_job(config_args: list[str], ngpu: int, gpu_bytes: float):
@@ -84,6 +95,7 @@ def report(job_config, model_args, settings, layout, args) -> None:
 
 def main(argv: list[str]) -> None:
     args, config_args = parse_args(argv)
+    check_args(args)
     job_config, model_args, dims, settings, layout = plan_job(config_args, args.ngpu, args.gpu_mem_gib * GIB)
     if args.explain and job_config.activation_checkpoint.mode == "auto":
         explain(job_config, model_args, dims, args.gpu_mem_gib * GIB)

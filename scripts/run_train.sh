@@ -4,6 +4,8 @@
 #   NGPU=8 CONFIG_FILE=train_configs/qwen3_0.6b.toml scripts/run_train.sh --parallelism.context_parallel_degree 4
 #   NGPU=2 CONFIG_FILE=train_configs/debug_sft.toml scripts/run_train.sh --training.steps 10
 # Arguments after the script are job-config overrides (--section.key value) passed to train.py.
+# SIGTERM or SIGINT (to this script or its process group): the step finishes, a checkpoint is saved
+# and the script exits 0; any other failure exits non-zero.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -14,6 +16,8 @@ fi
 CONFIG_FILE=${CONFIG_FILE:-train_configs/debug.toml}
 
 # --standalone: a local rendezvous on a free port, so several jobs can share a machine.
-# torchrun sets OMP_NUM_THREADS=1 per process unless it is already set.
-exec torchrun --standalone --nproc_per_node "$NGPU" \
+# torchrun sets OMP_NUM_THREADS=1 per process unless it is already set. SIGTERM/SIGINT go to the
+# workers, which save and exit 0 (scripts/preemption.sh).
+source scripts/preemption.sh
+torchrun_preemptible --standalone --nproc_per_node "$NGPU" \
     train.py --job.config_file "$CONFIG_FILE" "$@"

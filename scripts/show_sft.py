@@ -17,7 +17,7 @@ import sys
 
 from longctx.base import ConfigError
 from longctx.config import parse_config
-from longctx.launch import run_command
+from longctx.launch import check_output, run_command
 from longctx.recipes.sft import SFTRecipe
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
@@ -41,6 +41,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N records (default: all)")
     parser.add_argument("--print", type=int, default=3, dest="n_print", help="records printed (default 3)")
     args, overrides = parser.parse_known_args(argv)
+    for flag, value in (("--limit", args.limit), ("--print", args.n_print)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} {value} must be >= 0 (a number of records)")
+    check_output("--output", args.output)
     job_config = parse_config(overrides)
     if job_config.recipe.name != "sft":
         raise ConfigError(f"recipe.name = {job_config.recipe.name!r}; show_sft.py shows an SFT config's data")

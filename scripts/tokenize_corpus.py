@@ -12,18 +12,29 @@ model.hf_assets_path's, the text column recipe.text_field's, the format training
 import argparse
 import os
 
+from longctx.base import ConfigError
 from longctx.config import parse_config
 from longctx.data.tokenize_corpus import tokenize_corpus
-from longctx.launch import run_command
+from longctx.launch import check_output, run_command
+
+
+def check_args(args) -> None:
+    """Before any document is read: one line naming the flag."""
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} must be >= 1 (tokenizing processes)")
+    if args.shard_tokens < 1:
+        raise ConfigError(f"--shard-tokens {args.shard_tokens} must be >= 1 (tokens per shard file; default 2^30)")
+    check_output("--output", args.output, folder=True)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="corpus: a text/jsonl/parquet file or folder")
-    parser.add_argument("--output", required=True, help="TOKENS_DIR to create (must not exist or be empty)")
+    parser.add_argument("--output", required=True, help="TOKENS_DIR to create (must not exist or be empty; its parent folder must exist)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizing processes (default: all cores)")
     parser.add_argument("--shard-tokens", type=int, default=2**30, help="tokens per shard file (default 2^30)")
     args, config_args = parser.parse_known_args(argv)
+    check_args(args)
     job_config = parse_config(config_args)
     metadata = tokenize_corpus(args.input, args.output, job_config.model.hf_assets_path, job_config.training.dataset,
                                job_config.recipe.text_field, args.workers, args.shard_tokens)

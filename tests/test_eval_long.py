@@ -56,7 +56,8 @@ def test_numbers_equal_a_direct_computation(one_process):
     results, printed, out = one_process
     args, job_config = eval_long.parse_args(ARGS)
     with one_rank():
-        spec, model_args, parallel_dims, recipe, settings = validate(job_config)
+        job = validate(job_config)
+        spec, model_args, parallel_dims, recipe, settings = job.spec, job.model_args, job.parallel_dims, job.recipe, job.settings
         model = build_model(spec, model_args, parallel_dims, settings, torch.device("cpu"), weight_source(job_config)).eval()
         rows = eval_long.corpus_rows(recipe, LENGTH, 2)
         with torch.no_grad():

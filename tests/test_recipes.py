@@ -235,7 +235,8 @@ def test_policy_loss_and_grads_match_direct_computation(hf_dir, tmp_path):
     path = write_jsonl(tmp_path / "rollouts.jsonl", rollouts)
     job_config = parse_config(policy_args(hf_dir, path) + ["--training.seq_len", "256", "--recipe.loss_chunk_size", "32"])
     with one_rank():
-        spec, model_args, parallel_dims, recipe, settings = validate(job_config)
+        job = validate(job_config)
+        spec, model_args, parallel_dims, recipe, settings = job.spec, job.model_args, job.parallel_dims, job.recipe, job.settings
         model = build_model(spec, model_args, parallel_dims, settings, torch.device("cpu"), weight_source(job_config))
     batch = collate([pack_row([recipe.encode(r) for r in rollouts], 256, recipe.pad_id, EXTRA_FIELDS)])
     loss_sum, metric_sums = recipe.loss_sum(model, batch)

@@ -26,7 +26,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from longctx.base import DataError
+from longctx.base import ConfigError, DataError
 from longctx.data.tokenizer import HFTokenizer
 
 ASSISTANT_TURN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.DOTALL)  # group 1: what is trained
@@ -39,6 +39,9 @@ CHATML_TEMPLATE = (
 CHATML_ROLES = {"system", "user", "assistant"}
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+RENDER_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt")  # what render passes itself
+# A conversation every template renders with an assistant turn: the check that a template writes the marker.
+PROBE = [{"role": "user", "content": "1 plus 1 ?"}, {"role": "assistant", "content": "2 ."}]
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' aliases, read in this order
 
 
@@ -59,16 +62,17 @@ def jinja_environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def read_templates(assets_path: str, tokenizer_config: dict) -> dict[str, str]:
-    """{name: template}: "default" (and e.g. "tool_use") from the folder; {} when it has none."""
+def read_templates(assets_path: str, tokenizer_config: dict) -> tuple[dict[str, str], str]:
+    """({name: template}, the file they come from): "default" (and e.g. "tool_use") from the
+    folder; ({}, "") when it has none."""
     jinja_path = os.path.join(assets_path, "chat_template.jinja")
     if os.path.isfile(jinja_path):  # transformers lets this file override tokenizer_config.json
         with open(jinja_path, encoding="utf-8") as f:
-            return {"default": f.read()}
-    template = tokenizer_config.get("chat_template")
+            return {"default": f.read()}, jinja_path
+    template, config_path = tokenizer_config.get("chat_template"), os.path.join(assets_path, "tokenizer_config.json")
     if isinstance(template, list):
-        return {t["name"]: t["template"] for t in template}
-    return {"default": template} if template else {}
+        return {t["name"]: t["template"] for t in template}, config_path
+    return ({"default": template}, config_path) if template else ({}, "")
 
 
 def template_roles(ast: jinja2.nodes.Template) -> set[str] | None:
@@ -99,7 +103,11 @@ class ChatTemplate:
 
     def __init__(self, tokenizer: HFTokenizer, assets_path: str, template_kwargs: dict):
         self.tokenizer = tokenizer
-        sources = read_templates(assets_path, tokenizer.config)
+        taken = sorted(set(template_kwargs) & set(RENDER_VARIABLES))
+        if taken:  # blamed on the key once, rather than on every record the template then fails
+            raise ConfigError(f"recipe.chat_template_kwargs sets {taken[0]!r}, which the recipe passes to the template "
+                              f"itself ({', '.join(RENDER_VARIABLES)}); remove it")
+        sources, self.source = read_templates(assets_path, tokenizer.config)
         self.from_folder = bool(sources)
         env = jinja_environment()
         self.templates, self.roles = {}, {}
@@ -115,10 +123,24 @@ class ChatTemplate:
         special = {name: tokenizer.config.get(name) for name in SPECIAL_TOKEN_NAMES}
         special = {name: t["content"] if isinstance(t, dict) else t for name, t in special.items() if t is not None}
         self.variables = {**special, **template_kwargs}  # kwargs override special tokens, as in transformers
+        self._check_marker()
+
+    def _check_marker(self) -> None:
+        """Trained tokens are found by Qwen's assistant turn, `<|im_start|>assistant\\n ... <|im_end|>`:
+        a template that never renders one would refuse every record, each blamed on its own line.
+        A template that cannot render the probe is left to the records (they may have what it needs)."""
+        for name, template in self.templates.items():
+            try:
+                text = template.render(messages=PROBE, tools=None, documents=None, add_generation_prompt=False, **self.variables)
+            except Exception:
+                continue
+            if not ASSISTANT_TURN.search(text):
+                raise DataError(f"the chat template {name!r} of {self.source} renders no assistant turn as "
+                                "'<|im_start|>assistant\\n ... <|im_end|>', the span the recipe trains (Qwen's chat format); "
+                                "use a Qwen model's own template")
 
     def render(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            raise DataError("messages must be a list of {\"role\": str, ...} objects")
+        check_roles(messages)
         # transformers' choice among named templates
         name = "tool_use" if tools is not None and "tool_use" in self.templates else "default"
         known = self.roles[name]
@@ -134,6 +156,7 @@ class ChatTemplate:
 
     def encode(self, messages: list[dict], tools: list | None = None) -> tuple[list[int], list[bool]]:
         """(token ids of the rendered conversation, whether each is an assistant token to train)."""
+        check_conversation(messages, tools)
         text = self.render(messages, tools)
         spans = [m.span(1) for m in ASSISTANT_TURN.finditer(text)]
         if not spans:
@@ -150,6 +173,57 @@ class ChatTemplate:
         if not full.startswith(prompt_text) or not spans or spans[-1] <= len(prompt_text):
             raise DataError("the chat template renders the prompt differently once the response follows; give prompt_ids and response_ids")
         return prompt_text, full[len(prompt_text) : spans[-1]]
+
+
+def check_roles(messages) -> None:
+    """The shape every template reads: a list of objects, each with a string role."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise DataError("messages must be a list of {\"role\": str, ...} objects")
+
+
+def check_conversation(messages, tools) -> None:
+    """What a template renders without a word but that would train nonsense: an assistant reply
+    that is not a string (Qwen's templates render a list or a missing content as nothing), tools
+    or tool-call arguments in a shape the template prints as garbage, a reply to no user turn."""
+    check_roles(messages)
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"tools is {_shown(tools)}; give a list of objects (function schemas)")
+    users = 0
+    for number, message in enumerate(messages, 1):
+        users += message["role"] == "user"
+        if message["role"] != "assistant":
+            continue
+        if not users:
+            raise DataError(f"message {number} is an assistant turn before any user turn; a reply needs a request before it")
+        calls, content = message.get("tool_calls"), message.get("content")
+        if calls is not None:
+            check_tool_calls(calls, number)
+        if not isinstance(content, str) and not (calls and content is None):
+            raise DataError(f"message {number}: the assistant's content is {_shown(content)}; give a string "
+                            "(it may be missing or null only beside tool_calls)")
+
+
+def check_tool_calls(calls, number: int) -> None:
+    """Each call as OpenAI's {"function": {"name", "arguments"}} or the function itself (Qwen's
+    templates read either); arguments an object, or a JSON string of one (printed as it is)."""
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise DataError(f"message {number}: tool_calls is {_shown(calls)}; give a list of objects")
+    for call in calls:
+        function = call.get("function", call)
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                pass
+        if not isinstance(name, str) or not isinstance(arguments, dict):
+            raise DataError(f"message {number}: the tool call {_shown(call)} needs a string name and arguments that "
+                            "are an object or a JSON string of one")
+
+
+def _shown(value) -> str:
+    return "missing" if value is None else f"{value!r:.60} (a {type(value).__name__})"
 
 
 def alias_reasoning(message: dict) -> dict:

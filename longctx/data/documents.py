@@ -10,20 +10,24 @@ _FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", 
 
 
 
-def load_documents(path: str, fmt: str = "auto", text_field: str | None = "text"):
+def load_documents(path: str, fmt: str = "auto", text_field: str | None = "text", section: str = "training"):
     """Documents from a local file or folder (no network), by index. JSON lines and text are
     read here, line by line (`LineRecords`); parquet through `datasets` (memory-mapped Arrow).
     Reading a document checks it and names its file:line (parquet: its row); with text_field,
-    that its text_field is a string. text_field=None: the caller checks its own fields."""
+    that its text_field is a string. text_field=None: the caller checks its own fields.
+    `section` is the config section whose dataset_path and dataset a refusal blames (training,
+    or validation for held-out documents)."""
+    key = f"{section}.dataset_path"
     if not path or not os.path.exists(path):
-        raise DataError(f"training.dataset_path={path!r} does not exist; point it at a local text/jsonl/parquet file or folder")
+        raise DataError(f"{key}={path!r} does not exist; point it at a local text/jsonl/parquet file or folder")
     files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
     if fmt == "auto":
         kinds = {_FORMATS.get(os.path.splitext(f)[1]) for f in files}
         if len(kinds) != 1 or None in kinds:
-            raise DataError(f"cannot tell the format of {path!r} from extensions {sorted({os.path.splitext(f)[1] for f in files})}; set training.dataset to text, json or parquet")
+            raise DataError(f"cannot tell the format of {key}={path!r} from extensions "
+                            f"{sorted({os.path.splitext(f)[1] for f in files})}; set {section}.dataset to text, json or parquet")
         fmt = kinds.pop()
-    records = ParquetRecords(path, files, text_field) if fmt == "parquet" else LineRecords(path, files, fmt, text_field)
+    records = ParquetRecords(key, path, files, text_field) if fmt == "parquet" else LineRecords(key, path, files, fmt, text_field)
     records[0]  # the first document's format and fields are checked before any work starts
     return records
 
@@ -56,7 +60,7 @@ class LineRecords(Records):
     of a copy of the corpus, so corpora of any size load in one pass (~1 s per GB) and every
     error names its file:line. Blank (whitespace-only) lines are not documents."""
 
-    def __init__(self, path: str, files: list[str], fmt: str, text_field: str | None):
+    def __init__(self, key: str, path: str, files: list[str], fmt: str, text_field: str | None):
         self.files, self.fmt, self.text_field = files, fmt, text_field
         self.file_index, self.offsets, self.line_numbers = array("i"), array("q"), array("q")
         for index, file in enumerate(files):
@@ -69,7 +73,7 @@ class LineRecords(Records):
                         self.line_numbers.append(number)
                     offset += len(line)
         if not self.offsets:
-            raise DataError(f"training.dataset_path={path!r} has no documents (empty, or only blank lines); "
+            raise DataError(f"{key}={path!r} has no documents (empty, or only blank lines); "
                             "point it at a corpus with text")
 
     def __len__(self) -> int:
@@ -104,7 +108,7 @@ class LineRecords(Records):
 class ParquetRecords(Records):
     """Parquet through `datasets` (memory-mapped Arrow, any size); errors name the row."""
 
-    def __init__(self, path: str, files: list[str], text_field: str | None):
+    def __init__(self, key: str, path: str, files: list[str], text_field: str | None):
         try:
             import datasets
         except ImportError:  # e.g. a machine without pyarrow: JSON lines and text still load
@@ -113,9 +117,9 @@ class ParquetRecords(Records):
         try:
             self.rows = datasets.load_dataset("parquet", data_files=files, split="train")
         except Exception as e:  # pyarrow raises many types for unreadable files
-            raise DataError(f"could not read {path!r} as parquet: {' '.join(str(e).split())[:200]}") from None
+            raise DataError(f"could not read {key}={path!r} as parquet: {' '.join(str(e).split())[:200]}") from None
         if len(self.rows) == 0:
-            raise DataError(f"training.dataset_path={path!r} has no rows")
+            raise DataError(f"{key}={path!r} has no rows")
         self.path, self.text_field = path, text_field
 
     def __len__(self) -> int:

@@ -27,14 +27,17 @@ class Recipe(Protocol):
         ...
 
 
-def build_recipe(job_config) -> Recipe:
+def build_recipe(job_config, section: str = "training") -> Recipe:
+    """The job's recipe over the documents of `section`'s dataset_path and dataset: "training", or
+    "validation" for the held-out set (read and checked exactly as training data; a refusal names
+    validation.dataset_path)."""
     from longctx.recipes.policy import PolicyRecipe
     from longctx.recipes.pretrain import PretrainRecipe
     from longctx.recipes.sft import SFTRecipe
 
     recipes = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "policy": PolicyRecipe}
-    name, path = job_config.recipe.name, job_config.training.dataset_path
+    name, path = job_config.recipe.name, getattr(job_config, section).dataset_path
     if name != "pretrain" and is_token_folder(path):  # its rows have no chat turns or rollout fields
-        raise DataError(f"training.dataset_path={path!r} is tokenized text, which only recipe.name=pretrain reads; "
+        raise DataError(f"{section}.dataset_path={path!r} is tokenized text, which only recipe.name=pretrain reads; "
                         f"point the {name} recipe at the raw records")
-    return recipes[job_config.recipe.name](job_config)
+    return recipes[job_config.recipe.name](job_config, section)

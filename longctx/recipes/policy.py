@@ -35,7 +35,7 @@ EXTRA_FIELDS = ("advantages", "old_logprobs")  # per-token floats packed next to
 
 
 class PolicyRecipe:
-    def __init__(self, job_config):
+    def __init__(self, job_config, section: str = "training"):
         self.job_config = job_config
         assets = job_config.model.hf_assets_path
         has_tokenizer = bool(assets) and os.path.isfile(os.path.join(assets, "tokenizer.json"))
@@ -48,9 +48,10 @@ class PolicyRecipe:
             if self.tokenizer is None:
                 raise DataError(f"recipe.apply_chat_template needs a tokenizer.json in model.hf_assets_path={assets!r}")
             self.chat = ChatTemplate(self.tokenizer, assets, job_config.recipe.chat_template_kwargs)
-        training = job_config.training
-        self.documents = load_documents(training.dataset_path, training.dataset, text_field=None)
-        self.largest_token_id, self.longest_document = self.check_rollouts(training.dataset_path)
+        data = getattr(job_config, section)  # training, or validation's held-out set
+        self.dataset_path = data.dataset_path
+        self.documents = load_documents(data.dataset_path, data.dataset, text_field=None, section=section)
+        self.largest_token_id, self.longest_document = self.check_rollouts(data.dataset_path)
 
     def check_rollouts(self, path: str) -> tuple[tuple[int, str], tuple[int, str]]:
         """Every rollout, before step 1 (a rollouts file is bounded in size): a bad one would
@@ -94,7 +95,8 @@ class PolicyRecipe:
     def encode(self, record: dict) -> tuple[list[int], list[int], list[float], list[float]]:
         """(tokens, labels, advantages, old_logprobs): labels mark the response tokens."""
         if self.chat is not None and record.get("prompt_ids") is None and record.get("response_ids") is None:
-            prompt, response = map(self.tokenizer.encode, self.chat.prompt_and_response(self.text(record, "prompt"), self.text(record, "response")))
+            texts = self.chat.prompt_and_response(self.text(record, "prompt"), self.text(record, "response"))
+            prompt, response = map(self.tokenizer.encode, texts)
         else:
             prompt, response = self.token_ids(record, "prompt"), self.token_ids(record, "response")
         if not prompt:
@@ -124,7 +126,7 @@ class PolicyRecipe:
         # Whole rollouts: a token's log-probability is the policy's only if it sees its prompt. Under
         # a seq_len_schedule a stage shorter than a rollout cuts its tail (counted per pass).
         return PackedStream(self.documents, self.encode, self.pad_id, extra_fields=EXTRA_FIELDS, split_documents=False,
-                            name=f"policy: rollouts of {self.job_config.training.dataset_path}")
+                            name=f"policy: rollouts of {self.dataset_path}")
 
     def token_logprobs(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(label) per local token, [B, T_local] fp32, 0 where there is no label."""

@@ -23,14 +23,14 @@ CACHED_TOKENS = MAX_SEQ_LEN
 
 
 class PretrainRecipe:
-    def __init__(self, job_config):
+    def __init__(self, job_config, section: str = "training"):
         self.job_config = job_config
         self.tokenizer = HFTokenizer(job_config.model.hf_assets_path)
-        training = job_config.training
-        if is_token_folder(training.dataset_path):
-            self.documents = TokenCorpus(training.dataset_path, self.tokenizer)
+        data = getattr(job_config, section)  # training, or validation's held-out set
+        if is_token_folder(data.dataset_path):
+            self.documents = TokenCorpus(data.dataset_path, self.tokenizer)
         else:  # each document's text is checked (a string, UTF-8, valid JSON) as it is read: file:line
-            self.documents = load_documents(training.dataset_path, training.dataset, job_config.recipe.text_field)
+            self.documents = load_documents(data.dataset_path, data.dataset, job_config.recipe.text_field, section)
         self.text_field = job_config.recipe.text_field
         self.vocab_size = self.tokenizer.vocab_size
         self.cache: dict[str, array] = {}  # document text -> its tokens and EOS

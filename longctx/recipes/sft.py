@@ -19,7 +19,7 @@ from longctx.recipes.pretrain import next_token_loss_sum
 
 
 class SFTRecipe:
-    def __init__(self, job_config):
+    def __init__(self, job_config, section: str = "training"):
         self.job_config = job_config
         assets = job_config.model.hf_assets_path
         self.tokenizer = HFTokenizer(assets)
@@ -28,12 +28,12 @@ class SFTRecipe:
             log(f"{assets} has no chat template (tokenizer_config.json or chat_template.jinja): "
                 "rendering Qwen's plain <|im_start|>role ... <|im_end|> turns")
         self.field = job_config.recipe.messages_field
-        training = job_config.training
-        self.documents = load_documents(training.dataset_path, training.dataset, text_field=None)
+        data = getattr(job_config, section)  # training, or validation's held-out set
+        self.documents = load_documents(data.dataset_path, data.dataset, text_field=None, section=section)
         if self.field not in self.documents.column_names:
-            raise DataError(f"{training.dataset_path!r} has no column {self.field!r} (columns: "
+            raise DataError(f"{section}.dataset_path={data.dataset_path!r} has no column {self.field!r} (columns: "
                             f"{self.documents.column_names}); set recipe.messages_field")
-        self.vocab_size = self.tokenizer.vocab_size
+        self.vocab_size, self.dataset_path = self.tokenizer.vocab_size, data.dataset_path
 
     def tokens_and_trained(self, record: dict) -> tuple[list[int], list[bool]]:
         """What trains on `record`: its rendered tokens, and which are the assistant's."""
@@ -59,7 +59,7 @@ class SFTRecipe:
     def build_stream(self) -> PackedStream:
         # Whole conversations, cut to the row when longer: a split-off tail would learn replies without their prompt.
         return PackedStream(range(len(self.documents)), self.encode_at, self.tokenizer.eos_id, split_documents=False,
-                            name=f"sft: conversations of {self.job_config.training.dataset_path}")
+                            name=f"sft: conversations of {self.dataset_path}")
 
     def loss_sum(self, model, batch):
         """(sum of token losses on this rank's tokens, no recipe metrics): pretraining's loss, other labels."""
