@@ -2,13 +2,13 @@
 mode) against torchtitan 0.2.2's (no AC, per-op, every-2, full, memory_budget), in one process.
 
     python benchmarks/bench_best.py --cells 0.6B/8192,0.6B/32768,0.6B/65536,0.6B/131072
-    python benchmarks/bench_best.py --cells 1.7B/32768 --ours auto,op --titan none,op,full --first-fit
+    python benchmarks/bench_best.py --cells 1.7B/32768 --ours auto,op --titan none,op,full --first-fit torchtitan
 
 A user does not compare mode for mode: they take the fastest setting that fits their card. For
 each cell (Qwen3 size / sequence length), each system tries its settings in the order given (fastest
 first); every setting that runs is timed (median of --steps after --warmup), one that runs out of
-memory is marked so. --first-fit stops a system at its first setting that fits (cheaper; the order
-is then what ranks them). Precision is matched in every row: fp32 weights and AdamW state, bf16
+memory is marked so. --first-fit stops the systems it names at their first setting that fits
+(cheaper; the order is then what ranks them). Precision is matched in every row: fp32 weights and AdamW state, bf16
 compute (ours: FSDP's mixed precision, or autocast on one rank; torchtitan: its one-GPU autocast).
 The table prints every setting tried (the mode-for-mode rows), then per cell the best of each
 system, their ratio, and ours' auto against our best manual setting.
@@ -43,7 +43,8 @@ def parse_args(argv):
                    help=f"ours' settings in order, from {sorted(OURS)} (and NAME-fsdp: with FSDP2 on one rank)")
     p.add_argument("--titan", default="none,op,2,mb0.75,mb0.5,mb0.25,full",
                    help=f"torchtitan's settings in order, from {sorted(TITAN)} and mb<budget>")
-    p.add_argument("--first-fit", action="store_true", help="stop each system at its first setting that fits")
+    p.add_argument("--first-fit", nargs="*", choices=("ours", "torchtitan"), default=[],
+                   help="these systems stop at their first setting that fits (the order given then ranks them)")
     p.add_argument("--steps", type=int, default=4, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation happens here)")
     p.add_argument("--config", default="train_configs/qwen3_bench.toml", help="our job config")
@@ -107,7 +108,7 @@ def run_system(system: str, settings: list[str], flavor: str, seq: int, args, de
         free()
         torch._dynamo.reset()
         print(format_row(rows[-1]), flush=True)
-        if args.first_fit and rows[-1]["fits"]:
+        if system in args.first_fit and rows[-1]["fits"]:
             break
     return rows
 

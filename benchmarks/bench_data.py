@@ -21,7 +21,7 @@ import time
 import torch
 
 from longctx.config import parse_config
-from longctx.data.loader import StepLoader
+from longctx.data.loader import RowSchedule, StepLoader
 from longctx.data.tokenize_corpus import tokenize_corpus
 from longctx.recipes import build_recipe
 
@@ -29,21 +29,21 @@ from longctx.recipes import build_recipe
 def build_rate(recipe, seq_len: int, dp: int, steps: int) -> float:
     """This rank's rows per CPU-second of StepLoader.build_step, no thread: CPU time, so that other
     jobs on the machine do not count (one thread: torch's, and a single encode is one thread)."""
-    loader = StepLoader(recipe.build_stream(seq_len), 1, dp, dp, 0)
-    loader.build_step()  # warm-up: page cache, first encodes
+    loader = StepLoader(recipe.build_stream(), RowSchedule.constant(seq_len, 1), 1, dp, dp, 0)
+    loader.build_step(1)  # warm-up: page cache, first encodes
     start = time.process_time()
-    for _ in range(steps):
-        loader.build_step()
+    for step in range(2, steps + 2):
+        loader.build_step(step)
     return steps / (time.process_time() - start)
 
 
 def prefetch_waits(recipe, seq_len: int, dp: int, steps: int, step_s: float) -> tuple[float, float]:
     """(seconds blocked on the first step, most seconds blocked on any later step)."""
-    loader = StepLoader(recipe.build_stream(seq_len), 1, dp, dp, 0)
+    loader = StepLoader(recipe.build_stream(), RowSchedule.constant(seq_len, 1), 1, dp, dp, 0)
     waits = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         before = loader.wait_seconds
-        loader.next_step()
+        loader.next_step(step)
         waits.append(loader.wait_seconds - before)
         time.sleep(step_s)  # the accelerator's step: the host thread waits on the device, GIL released
     loader.close()

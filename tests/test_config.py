@@ -68,7 +68,7 @@ def test_command_line_wins_over_the_toml_wherever_the_file_is_named():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--training.bogus_key", "1"], "unknown config key --training.bogus_key; valid keys of [training]: dataset, dataset_path"),
+    (["--training.bogus_key", "1"], "unknown config key --training.bogus_key; valid keys of [training]: balance, dataset, dataset_path"),
     (["--bogus_section.x", "1"], "unknown config section in '--bogus_section.x'; valid sections: job, model, training"),
     (["--training", "1"], "--training names a section, not a key"),
     (["--parallelism.pipeline_parallel_degree", "2"], "unknown config key --parallelism.pipeline_parallel_degree"),
@@ -90,7 +90,7 @@ def test_command_line_mistakes_are_one_line(args, message):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[training]\nsteps = 3\nbogus_key = 1\n", "job.toml: unknown config key training.bogus_key; valid keys of [training]: dataset,"),
+    ("[training]\nsteps = 3\nbogus_key = 1\n", "job.toml: unknown config key training.bogus_key; valid keys of [training]: balance, dataset,"),
     ("[quantize.linear.float8]\nemulate = true\n", "job.toml: unknown config section [quantize]; valid sections: job,"),
     ("[validation.dataloader]\nnum_workers = 2\n", "job.toml: unknown config key validation.dataloader; valid keys of [validation]"),
     ("steps = 3\n", "job.toml: steps = 3 stands outside any [section]"),

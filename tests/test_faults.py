@@ -211,7 +211,8 @@ def test_memory_snapshots_every_profile_freq_steps_and_on_out_of_memory(tmp_path
     recording = []
     monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda enabled="all", **_: recording.append(enabled))
     monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", lambda filename: open(filename, "wb").close())
-    job_config = parse_config(args(tmp_path, "--profiling.enable_memory_snapshot", "--profiling.profile_freq", "2"))
+    job_config = parse_config(args(tmp_path, "--profiling.profile_freq", "2"))
+    job_config.profiling.enable_memory_snapshot = True  # past the config's refusal without CUDA
     with one_rank(), pytest.raises(torch.OutOfMemoryError):
         with profiling.profilers(job_config, start_step=1) as profiler:
             for _ in range(4):  # steps 2 to 5

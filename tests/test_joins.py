@@ -27,10 +27,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longctx import profiling, train
+from longctx import train
 from longctx.base import ConfigError, DataError
 from longctx.checkpoint.dcp import latest_step
 from longctx.config import parse_config
+from longctx.config import rules as config_rules
 from longctx.data.tokenize_corpus import tokenize_corpus as tokenize
 from longctx.launch import run, validate
 from longctx.recipes import build_recipe
@@ -156,16 +157,13 @@ def test_script_flags_and_outputs_are_refused_first_in_one_line(tmp_path, capsys
 
 
 @pytest.mark.parametrize("key", ["save_traces_folder", "save_memory_snapshot_folder"])
-def test_profiler_folder_that_is_a_file_is_refused_before_step_1(tmp_path, key):
+def test_profiler_folder_that_is_a_file_is_refused_before_step_1(tmp_path, key, monkeypatch):
     (tmp_path / "taken").write_text("a file where the profiler writes its folder")
+    monkeypatch.setattr(config_rules, "_has_cuda", lambda: True)  # snapshots are refused outright without CUDA
     enable = "enable_profiling" if key == "save_traces_folder" else "enable_memory_snapshot"
-    job_config = parse_config(["--job.config_file", DEBUG, "--job.dump_folder", str(tmp_path),
-                               f"--profiling.{enable}", f"--profiling.{key}", "taken/inner"])
-    with pytest.raises(ConfigError, match=f"profiling.{key}='taken/inner': {tmp_path}/taken is a file"):
-        profiling.check_folders(job_config)
-    if key == "save_traces_folder":  # the whole check, as train.py's main runs it (snapshots need CUDA first)
-        with pytest.raises(ConfigError, match=f"profiling.{key}"):
-            validate(job_config)
+    with pytest.raises(ConfigError, match=f"profiling.{key}='taken/inner' must be a folder name under job.dump_folder"):
+        parse_config(["--job.config_file", DEBUG, "--job.dump_folder", str(tmp_path), f"--profiling.{enable}",
+                      f"--profiling.{key}", "taken/inner"])
 
 
 # ---- 3. token folders verified when opened ---------------------------------------------------------
@@ -283,14 +281,14 @@ class RecordedRows:
 
     def build_stream(self):
         stream = self.recipe.build_stream()
-        next_rows = stream.next_rows
+        build_row = stream.build_row
 
-        def recorded(count, wanted, row):
-            rows = next_rows(count, wanted, row)
-            self.rows.append((row.tokens, [len(r["input_ids"]) for r in rows]))
-            return rows
+        def recorded(plan, row):
+            built = build_row(plan, row)
+            self.rows.append((row.tokens, [len(built["input_ids"])]))
+            return built
 
-        stream.next_rows = recorded
+        stream.build_row = recorded
         return stream
 
 

@@ -45,7 +45,11 @@ def _auto_or(accepts):
 
 
 def _folder_under_dump(v, c) -> bool:
-    return not os.path.isfile(os.path.join(c.job.dump_folder, v))
+    """The folder, or its nearest existing parent, is a folder: a file there fails the first save, steps in."""
+    path = os.path.abspath(os.path.join(c.job.dump_folder, v))
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path)
 
 
 def _pairs(v, c) -> bool:
@@ -83,7 +87,7 @@ def _selective(c: JobConfig) -> bool:
     return c.activation_checkpoint.mode == "selective"
 
 SEQ_LEN = f">= 1 and <= 2**24 = {MAX_SEQ_LEN} (RoPE positions are fp32, exact only up to 2**24)"
-FOLDER = "a folder name under job.dump_folder, not an existing file there"
+FOLDER = "a folder name under job.dump_folder, not an existing file there (nor under one)"
 VALUE_RULES = (
     Rule("job.dump_folder", lambda v, c: not os.path.isfile(v), "a folder, not a file"),
     # model.rope_scaling: the entries transformers reads (models/common/rope.py checks type and names).
