@@ -146,3 +146,18 @@ def test_block_backward_peaks_in_its_larger_phase():
     tiled = plan_memory(a, Layout(seq_len=seq, checkpointing="full", mlp_chunk=16384))[0]["one block's backward"]
     assert saved_per_token(a, Layout(seq_len=seq, mlp_chunk=16384))[1] == 0
     assert tiled == attention_phase
+
+
+def test_attention_in_kv_head_groups_holds_one_groups_working_memory():
+    """probe_attention --memory --groups 1 8 on an H200 (16/8 heads): 28,736 bytes per token of
+    backward working memory at once, 12,224 in 8 groups; the plan keeps the outputs whole (14,344:
+    on the safe side) and adds the forward's second copy of the output to what each block keeps."""
+    a = QWEN3_06B
+    assert attention_backward_per_token(a, Layout(seq_len=1, attention_groups=8)) == 8192 + 4096 + (8192 + 64 + 8192) / 8
+    assert attention_backward_per_token(a, Layout(seq_len=1, attention_groups=3)) == 28736  # gcd(3, 8) = 1
+    long = Layout(seq_len=1 << 20, checkpointing="full", activation_offload=True, mlp_chunk=16384)
+    whole, grouped = plan_memory(a, long)[0], plan_memory(a, dataclasses.replace(long, attention_groups=8))[0]
+    assert grouped["one block's backward"] < whole["one block's backward"] and grouped["peak"] < whole["peak"]
+    op = Layout(seq_len=65536, checkpointing="op")
+    assert (plan_memory(a, dataclasses.replace(op, attention_groups=8))[0]["checkpointed activations"]
+            - plan_memory(a, op)[0]["checkpointed activations"]) == 28 * 65536 * 2048 * 2

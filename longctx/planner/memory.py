@@ -150,6 +150,9 @@ def plan_memory(a: DecoderArgs, layout: Layout) -> tuple[dict[str, int], dict[st
     per_op = per_ckpt + tokens * (qd + a.n_heads / tp * 2 + (2 * qd + 2 * kvd if cp > 1 else 0))
     tiled = 0 < layout.mlp_chunk < tokens
     attention_saved, mlp_saved = saved_per_token(a, layout)
+    if layout.attention_groups > 1:  # each group's output is kept for its backward, beside their concatenation
+        attention_saved += qd
+        per_op += tokens * qd
     block_acts = tokens * (attention_saved + mlp_saved)
     ckpt_input = tokens * d_local * b
     checkpointed = int((modes.count("full") * per_ckpt + modes.count("op") * per_op + modes.count("none") * block_acts) * b)
