@@ -1,15 +1,15 @@
 """Time training steps on one GPU: ours vs torchtitan 0.2.2's Qwen3 vs Hugging Face transformers' Qwen3.
 
-    python scripts/bench.py --flavor 0.6B --seq 8192                     # the speed table
-    python scripts/bench.py --flavor 0.6B --seq 32768 --ac full --systems ours,torchtitan
-    python scripts/bench.py --flavor 0.6B --seq 32768 --ac selective --ac-option op --systems ours,torchtitan
+    python benchmarks/bench.py --flavor 0.6B --seq 8192                     # the speed table
+    python benchmarks/bench.py --flavor 0.6B --seq 32768 --ac full --systems ours,torchtitan
+    python benchmarks/bench.py --flavor 0.6B --seq 32768 --ac selective --ac-option op --systems ours,torchtitan
 
-The systems are in scripts/bench_systems.py; sibling tools: bench_max_seq.py (longest sequence),
+The systems are in benchmarks/bench_systems.py; sibling tools: bench_max_seq.py (longest sequence),
 bench_memory.py (planned vs measured memory), profile_step.py (where ours' time goes),
 probe_attention.py (SDPA kernels). Each step trains a fresh random batch (batch 1). Flops per
 token are models/common/args.py's `flops_per_token`: "MFU" counts attention over all T keys
 (torchtitan's convention), "causal MFU" only the causal half the kernel computes; both against
-the device's dense bf16 peak (components/metrics.py). Times are the median of the steps after
+the device's dense bf16 peak (metrics.py). Times are the median of the steps after
 warm-up, each ending in a host sync.
 """
 

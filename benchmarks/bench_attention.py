@@ -1,7 +1,7 @@
 """Sequence-sharded attention against whole-row attention on one GPU (forward + backward).
 
-    python scripts/bench_attention.py                      # 64K, shards 2 and 4, causal and 4K documents
-    python scripts/bench_attention.py --seq 131072 --shards 2 4 --heads 32 --kv-heads 8
+    python benchmarks/bench_attention.py                      # 64K, shards 2 and 4, causal and 4K documents
+    python benchmarks/bench_attention.py --seq 131072 --shards 2 4 --heads 32 --kv-heads 8
 
 Every shard rank's work under context parallelism with a sequence shard (its two head-tail query
 chunks against the whole row's K/V, parallelisms/context_parallel.py) runs one rank after another

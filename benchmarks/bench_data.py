@@ -1,6 +1,6 @@
 """The data path on CPU: rows per second per rank, on-the-fly vs tokenized, and whether a step waits on data.
 
-    python scripts/bench_data.py [--corpus assets/debug/corpus.jsonl] [--seq-len 131072] [--dp 1 8 64] \\
+    python benchmarks/bench_data.py [--corpus assets/debug/corpus.jsonl] [--seq-len 131072] [--dp 1 8 64] \\
         [--step-s 1.0] [--steps 6]
 
 Rank 0 of a dp group, one row per rank per step (global batch = dp rows). "rows per

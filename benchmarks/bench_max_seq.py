@@ -1,10 +1,10 @@
 """The longest sequence each system trains one step at on this GPU (doubling, then bisection).
 
-    python scripts/bench_max_seq.py --flavor 0.6B --seq 16384 --ac full --systems hf --granularity 4096
-    python scripts/bench_max_seq.py --flavor 0.6B --seq 524288 --seq-cap 1048576 --ac full --systems ours \\
+    python benchmarks/bench_max_seq.py --flavor 0.6B --seq 16384 --ac full --systems hf --granularity 4096
+    python benchmarks/bench_max_seq.py --flavor 0.6B --seq 524288 --seq-cap 1048576 --ac full --systems ours \\
         --override=--parallelism.fsdp_reshard_after_forward=default --override=--activation_checkpoint.cpu_offload
 
-Systems and their settings: scripts/bench_systems.py. `scripts/plan.py --max-seq` predicts the
+Systems and their settings: benchmarks/bench_systems.py. `scripts/plan.py --max-seq` predicts the
 same number for ours without a GPU.
 """
 

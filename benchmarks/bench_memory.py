@@ -1,16 +1,16 @@
 """Planned vs measured peak memory of ours on this GPU, over a list of layouts, in one process.
 
-    python scripts/bench_memory.py                       # the default cases (about 5 minutes on an H200)
-    python scripts/bench_memory.py --cases 0.6B/32768/full "0.6B/1048576/full+offload+tiles/2"
-    python scripts/bench_memory.py --plan-only           # the planned column alone, on any machine
-    python scripts/bench_memory.py --cases 0.6B/32768/full --snapshot /tmp/snapshots   # what is live at the peak
+    python benchmarks/bench_memory.py                       # the default cases (about 5 minutes on an H200)
+    python benchmarks/bench_memory.py --cases 0.6B/32768/full "0.6B/1048576/full+offload+tiles/2"
+    python benchmarks/bench_memory.py --plan-only           # the planned column alone, on any machine
+    python benchmarks/bench_memory.py --cases 0.6B/32768/full --snapshot /tmp/snapshots   # what is live at the peak
 
 A case is FLAVOR/SEQ/SETTINGS[/LAYERS]: SETTINGS joins none|full|op with +offload (activation
 offload), +tiles (mlp_chunk_size 16384), +hostopt (training.enable_cpu_offload); LAYERS keeps only
 the first layers (a reduced-depth model: the same per-layer memory at a step time that fits a
 short run; the plan for full depth is printed next to it). Each case trains 2 steps of random
 tokens (the second has AdamW state) and reports torch.cuda.max_memory_allocated against
-components/memory_plan.py's peak.
+planner/memory.py's peak.
 """
 
 import argparse

@@ -1,10 +1,10 @@
 """Where ours' step time goes on this GPU: a kernel-time table and a trace of 3 profiled steps.
 
-    python scripts/profile_step.py --flavor 0.6B --seq 8192 --output /tmp/prof.txt
+    python benchmarks/profile_step.py --flavor 0.6B --seq 8192 --output /tmp/prof.txt
 
 Writes the profiler's table to --output and a Chrome/Perfetto trace next to it (*.trace.json),
 and prints GPU kernel time per step grouped by kind (attention, matmul, optimizer, FSDP copies,
-fused elementwise). Ours is built as in scripts/bench.py (scripts/bench_systems.py).
+fused elementwise). Ours is built as in benchmarks/bench.py (benchmarks/bench_systems.py).
 """
 
 import argparse

@@ -1,5 +1,5 @@
 """The optimizer and its learning-rate schedule, over torch.optim, with torchtitan 0.2.2's
-semantics (components/optimizer.py and components/lr_scheduler.py), so its TOML sections mean the
+semantics (torchtitan/components/optimizer.py and lr_scheduler.py), so its TOML sections mean the
 same here: [optimizer] name, lr, beta1, beta2, eps, weight_decay, implementation; [lr_scheduler]
 warmup_steps, total_steps, decay_ratio, decay_type, min_lr_factor.
 

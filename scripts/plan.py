@@ -5,8 +5,8 @@
         --activation_checkpoint.mode full --activation_checkpoint.cpu_offload --gpu-mem-gib 140
 
 Every other argument is a job-config override, as for train.py. The terms and their assumptions
-are in components/memory_plan.py; how close they come to torch.cuda.max_memory_allocated is the
-planned-vs-measured table of docs/performance.md (scripts/bench_memory.py measures it).
+are in planner/memory.py; how close they come to torch.cuda.max_memory_allocated is the
+planned-vs-measured table of docs/performance.md (benchmarks/bench_memory.py measures it).
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Chat records through the model's own chat template (recipes/chat.py), against transformers.
+"""Chat records through the model's own chat template (data/chat.py), against transformers.
 
 - Rendering and token ids equal `apply_chat_template` token for token, for a Qwen3-like template
   (the debug tokenizer's: thinking blocks, reasoning dropped before the last query, tool calls, tool

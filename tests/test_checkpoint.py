@@ -1,4 +1,4 @@
-"""Checkpoints users can trust, on CPU ranks (gloo): every claim of components/checkpoint.py and
+"""Checkpoints users can trust, on CPU ranks (gloo): every claim of checkpoint/ and
 the two conversion commands, exercised through train.py and the scripts themselves.
 
 One tiny random Qwen3 (transformers) is converted to DCP once; every training run starts from it,

@@ -1,5 +1,5 @@
 """The sequence-sharded attention path on one GPU (skips without CUDA): every shard rank's
-computation, simulated one rank after another (scripts/bench_attention.py), equals whole-row
+computation, simulated one rank after another (benchmarks/bench_attention.py), equals whole-row
 attention forward and backward at 32K in bf16, against the cuDNN, flash and flex kernels."""
 
 import pytest

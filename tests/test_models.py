@@ -85,7 +85,7 @@ def test_positions_and_packing_match_transformers(make_tiny_hf, family, shape):
 
 
 def test_load_hf_weights_from_meta_matches_transformers(make_tiny_hf):
-    """train.py's path: build on meta, to_empty, then components.hf.load_hf_weights."""
+    """train.py's path: build on meta, to_empty, then checkpoint.hf.load_hf_weights."""
     family, shape = CASES[0]
     tiny = make_tiny_hf(family, **shape)
     spec = get_model_spec(family)

@@ -114,7 +114,7 @@ def test_end_of_backward_holds_every_gradient():
 
 
 def test_block_backward_peaks_in_its_larger_phase():
-    # cuDNN's backward per token, measured (scripts/probe_attention.py --memory, one H100, torch
+    # cuDNN's backward per token, measured (benchmarks/probe_attention.py --memory, one H100, torch
     # 2.11, the same at 131K, 262K, 524K and 1M): 28,736 bytes for 16 query / 8 kv heads of 128,
     # 53,376 for 32 / 8, 24,640 for 16 / 16. That is dout and dq (bf16), dk and dv, the fp32 dq
     # accumulator, 4 bytes per query head and, under GQA, dk and dv expanded to the query heads.

@@ -20,7 +20,7 @@ class HFTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for any parse error
             raise DataError(f"{path} is not a readable tokenizer.json ({' '.join(str(e).split())[:200]}); "
                             "replace it with the model's own") from None
-        self.config = _read_json(os.path.join(assets_path, "tokenizer_config.json"))  # also read by recipes/chat.py
+        self.config = _read_json(os.path.join(assets_path, "tokenizer_config.json"))  # also read by data/chat.py
         eos = self.config.get("eos_token") or "<|endoftext|>"
         eos = eos["content"] if isinstance(eos, dict) else eos
         self.eos_id = self.tokenizer.token_to_id(eos)

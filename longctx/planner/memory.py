@@ -101,7 +101,7 @@ def saved_per_token(a: DecoderArgs, layout: Layout) -> tuple[float, float]:
 
 def attention_backward_per_token(a: DecoderArgs, layout: Layout) -> float:
     """Bytes per local token the attention kernel's backward adds while it runs, as measured for
-    cuDNN (`scripts/probe_attention.py --memory`): the gradient of its output coming in, dq, dk
+    cuDNN (`benchmarks/probe_attention.py --memory`): the gradient of its output coming in, dq, dk
     and dv going out, the fp32 dq accumulator, one fp32 statistic per query head and, with fewer
     kv heads than query heads, dk and dv expanded to every query head before each group's sum.
     Under cp each rank attends for as many (token, head) query pairs as it holds tokens x local

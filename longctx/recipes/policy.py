@@ -4,7 +4,7 @@ A rollout is one JSON line:
     {"prompt_ids": [...], "response_ids": [...], "advantage": float, "old_logprobs": [...]}
 ("prompt"/"response" text instead of ids when model.hf_assets_path holds a tokenizer; old_logprobs
 is optional: one per response token, from the sampler or scripts/compute_logprobs.py). With
-recipe.apply_chat_template, text is rendered with the model's chat template (recipes/chat.py): the
+recipe.apply_chat_template, text is rendered with the model's chat template (data/chat.py): the
 prompt as the user turn, the response as the assistant's (without the <|im_end|> the template adds).
 
 Per response token, with ratio r = exp(log p - old log p) and the rollout's advantage A:

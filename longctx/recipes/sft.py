@@ -2,7 +2,7 @@
 
 A record is {"messages": [...], "tools": [...]?} with the messages as the template reads them:
 {"role", "content"}, and for Qwen3's template also "reasoning_content", "tool_calls" and "tool"
-messages. recipes/chat.py renders it with model.hf_assets_path's template and marks the tokens the
+messages. data/chat.py renders it with model.hf_assets_path's template and marks the tokens the
 assistant writes (thinking block, tool calls, answer and the closing <|im_end|>); role headers,
 the other turns and the newline after <|im_end|> carry no loss. Labels are shifted on the whole
 conversation before packing, so they shard with the tokens under any dp/tp/cp layout.

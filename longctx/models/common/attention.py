@@ -24,7 +24,7 @@ from longctx.parallelisms.context_parallel import ContextParallel
 # SDPA kernels tried in this order on CUDA; the first that accepts the inputs runs. Measured on
 # an H100 (torch 2.11, causal, 16 q / 8 kv heads, fwd+bwd): cuDNN 469-585 TFLOP/s, flash 258-330;
 # both take GQA natively; the memory-efficient kernel refuses enable_gqa.
-# `scripts/probe_attention.py` re-measures (docs/performance.md).
+# `benchmarks/probe_attention.py` re-measures (docs/performance.md).
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
