@@ -46,11 +46,12 @@ LOSS_TOLERANCE, TRIAL_TOLERANCE = 1e-3, 0.01
 
 # Sizes: the GPU run (about 7 minutes on one H100, see the stage caps) and the CPU smoke test.
 GPU = {
-    "data_2k": ["--lengths", "256", "2048", "--train-tokens", "80000000", "--heldout-docs", "0"],
+    "data_2k": ["--lengths", "256", "2048", "--train-tokens", "68000000", "--heldout-docs", "0"],
     "data_8k": ["--lengths", "512", "8192", "--train-tokens", "12000000", "--val-tokens", "65536",
                 "--heldout-docs", "8", "--heldout-length", "16384"],
     "stage1": {}, "stage2": {},
     "eval": ["--length", "16384", "--rows", "4", "--retrieval-lengths", "2048", "4096", "8192", "16384", "--trials", "8"],
+    "keys": 4,
     "caps": {"stage1": 220, "stage2": 160, "other": 300},
     "marks": [2048, 8192],
 }
@@ -67,6 +68,7 @@ SMOKE = {
                "metrics": {"log_freq": 1}},
     "eval": ["--length", "2048", "--rows", "2", "--retrieval-lengths", "512", "1024", "2048", "--depths", "0", "0.5", "1",
              "--trials", "1"],
+    "keys": 4,
     "caps": {"stage1": 600, "stage2": 600, "other": 600},
     "marks": [512, 1024],
 }
@@ -197,8 +199,8 @@ def compare(ours: dict, theirs: dict) -> dict:
 
 
 def summary_table(report: dict) -> str:
-    lines = ["", f"{'stage':<8} {'wall s':>8}  status"]
-    lines += [f"{name:<8} {stage['seconds']:>8.1f}  " + "; ".join(f"{k} {s}" for k, s in stage["commands"].items())
+    lines = ["", f"{'stage':<12} {'wall s':>8}  status"]
+    lines += [f"{name:<12} {stage['seconds']:>8.1f}  " + "; ".join(f"{k} {s}" for k, s in stage["commands"].items())
               for name, stage in report["stages"].items()]
     for name, run in report["training"].items():
         lines.append(f"{name}: step {run['step']}, loss {run['loss']:.4f}, {run['tokens_per_s']:,.0f} tok/s"
@@ -213,6 +215,11 @@ def summary_table(report: dict) -> str:
         lines.append(f"{ARMS[arm]:<18}" + "".join(f"{a:>8.2f}" for a in result["passkey"].values()) + "|"
                      + "".join(f"{a:>8.2f}" for a in result["multikey"].values()) + "|"
                      + "".join(f"{v:>11.4f}" for v in result["loss"].values()))
+    first = next(iter(evals["a"]["passkey"]))
+    keys = report["keys"]
+    lines += ["", f"stage 1 at {fmt_tokens(first)}: passkey {evals['a']['passkey'][first]:.2f} (target >= 0.95), multi-key "
+              f"{evals['a']['multikey'][first]:.2f} (a guessed 5-digit key: ~1e-5; a copy of any one of the {keys} keys: "
+              f"{1 / keys:.2f})"]
     check = report.get("transformers")
     if check:
         lines += ["", f"transformers vs longctx on arm (c): largest bucket-loss difference {check['max_bucket_loss_difference']:.2e} "
@@ -226,9 +233,8 @@ def fmt_tokens(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def eval_summary(path: str) -> dict:
-    with open(path) as f:
-        results = json.load(f)
+def eval_summary_of(results: dict) -> dict:
+    """eval_long.json -> accuracy per length of each task, loss per position bucket."""
     loss = {f"{fmt_tokens(b['from'])}-{fmt_tokens(b['to'])}": b["loss"] for b in results["buckets"]}
     return {"passkey": by_length(results["passkey"]), "multikey": by_length(results["multikey"]), "loss": loss}
 
@@ -240,7 +246,8 @@ def experiment(args, plan: dict, report: dict) -> None:
     out = lambda *parts: os.path.join(args.out_dir, *parts)  # noqa: E731
     data = {size: out("data", size) for size in ("2k", "8k")}
     run_stage("data", {f"data_{size}": ["scripts/make_retrieval_data.py", "--out-dir", data[size], "--seed", str(args.seed),
-                                        *plan[f"data_{size}"]] for size in data}, args.out_dir, plan["caps"]["other"], report)
+                                        "--keys", str(plan["keys"]), *plan[f"data_{size}"]] for size in data},
+              args.out_dir, plan["caps"]["other"], report)
     run_stage("tokenize", {f"tokenize_{size}": ["scripts/tokenize_corpus.py", "--input", f"{data[size]}/train.jsonl",
                                                 "--output", f"{data[size]}/tokens"] for size in data},
               args.out_dir, plan["caps"]["other"], report)
@@ -263,7 +270,8 @@ def experiment(args, plan: dict, report: dict) -> None:
         report["training"][f"arm_{arm}"] = training_record(dumps[arm])
 
     # Every evaluation in fp32, so that transformers (fp32) can be held to rounding-level agreement.
-    evaluation = ["scripts/eval_long.py", "--corpus", f"{data['8k']}/heldout.jsonl", "--seed", str(args.seed), *plan["eval"]]
+    evaluation = ["scripts/eval_long.py", "--corpus", f"{data['8k']}/heldout.jsonl", "--seed", str(args.seed),
+                  "--keys", str(plan["keys"]), *plan["eval"]]
     precision = ["--training.mixed_precision_param", "float32"]
     commands = {f"eval_{arm}": [*evaluation, "--out-dir", out("eval", arm), "--job.config_file", configs[arm],
                                 "--checkpoint.enable", *precision] for arm in ARMS}
@@ -273,7 +281,11 @@ def experiment(args, plan: dict, report: dict) -> None:
     run_stage("transformers", {"eval_c_transformers": [*evaluation, "--out-dir", out("eval", "c_transformers"),
                                                        "--model-dir", out("hf_c"), "--backend", "transformers", *precision]},
               args.out_dir, plan["caps"]["other"], report)
-    report["eval"] = {arm: eval_summary(out("eval", arm, "eval_long.json")) for arm in ARMS}
+    report["eval"] = {}
+    for arm in ARMS:
+        with open(out("eval", arm, "eval_long.json")) as f:
+            report["eval"][arm] = eval_summary_of(json.load(f))
+    report["keys"] = plan["keys"]
     with open(out("eval", "c", "eval_long.json")) as f, open(out("eval", "c_transformers", "eval_long.json")) as g:
         report["transformers"] = compare(json.load(f), json.load(g))
     with open(out("hf_c", "config.json")) as f:
