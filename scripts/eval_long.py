@@ -280,12 +280,13 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluation_rows(recipe, args) -> tuple[list, dict]:
-    """(loss rows, task -> (cells, rows)), the same for every backend and layout."""
+def evaluation_rows(recipe, args) -> tuple[list, dict, list]:
+    """(loss rows, task -> (cells, rows), every row in scoring order), the same for every backend and layout."""
     tokens = corpus_tokens(recipe, max(args.rows * args.length + 1, max(args.retrieval_lengths)))
     words = Words(recipe.tokenizer)
-    haystack = NaturalText(words, tokens[tokens != recipe.tokenizer.eos_id])
-    return corpus_rows(tokens, args.length, args.rows), retrieval_rows(words, haystack, args)
+    loss_rows = corpus_rows(tokens, args.length, args.rows)
+    tasks = retrieval_rows(words, NaturalText(words, tokens[tokens != recipe.tokenizer.eos_id]), args)
+    return loss_rows, tasks, loss_rows + [row for _, task_rows in tasks.values() for row in task_rows]
 
 
 def summarize(scores: list[torch.Tensor], loss_rows: list, tasks: dict, args, backend: str) -> dict:
@@ -304,10 +305,9 @@ def evaluate(job_config, job, args, device) -> dict | None:
     spec, model_args, parallel_dims, recipe = job.spec, job.model_args, job.parallel_dims, job.recipe
     if parallel_dims.tp > 1:
         raise ConfigError("eval_long.py runs dp and cp layouts; use parallelism.context_parallel_degree to split long rows")
-    loss_rows, tasks = evaluation_rows(recipe, args)
+    loss_rows, tasks, rows = evaluation_rows(recipe, args)
     # With checkpoint.enable, the run's own latest (or load_step) checkpoint, weights only.
     model = build_model(spec, model_args, parallel_dims, job_config, device, weight_source(job_config).model_only()).eval()
-    rows = loss_rows + [row for _, task_rows in tasks.values() for row in task_rows]
     scores = score_rows(model, rows, parallel_dims, recipe.tokenizer.eos_id, job_config.recipe.loss_chunk_size, device)
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(scores, gathered, dst=0)
@@ -319,8 +319,7 @@ def evaluate(job_config, job, args, device) -> dict | None:
 
 def evaluate_transformers(job_config, job, args) -> dict:
     """The same rows scored by transformers (one process, no process group)."""
-    loss_rows, tasks = evaluation_rows(job.recipe, args)
-    rows = loss_rows + [row for _, task_rows in tasks.values() for row in task_rows]
+    loss_rows, tasks, rows = evaluation_rows(job.recipe, args)
     dtype = getattr(torch, job_config.training.mixed_precision_param) if torch.cuda.is_available() else torch.float32
     scores = score_rows_transformers(args.model_dir, rows, dtype, job_config.recipe.loss_chunk_size)
     return summarize(scores, loss_rows, tasks, args, "transformers")

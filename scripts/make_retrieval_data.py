@@ -1,6 +1,6 @@
 """Retrieval training data: natural text mixed with eval_long.py's passkey and multi-key tasks.
 
-    python scripts/make_retrieval_data.py --out-dir data/retrieval_2k --lengths 128 2048 --train-tokens 50000000
+    python scripts/make_retrieval_data.py --out-dir data/retrieval_2k --lengths 256 2048 --train-tokens 80000000
     python scripts/make_retrieval_data.py --out-dir OUT --corpus BOOKS.jsonl --tokenizer HF_DIR --lengths 1024 8192
 
 OUT gets

@@ -97,7 +97,7 @@ def test_numbers_equal_a_direct_computation(one_process):
     with one_rank(), torch.no_grad():
         spec, model_args, parallel_dims, recipe = validate(job_config)
         model = build_model(spec, model_args, parallel_dims, job_config, torch.device("cpu")).eval()
-        loss_rows, tasks = eval_long.evaluation_rows(recipe, args)
+        loss_rows, tasks, _ = eval_long.evaluation_rows(recipe, args)
         logprobs = torch.stack([model(torch.tensor([t])).log_softmax(-1)[0].gather(-1, torch.tensor(labels)[:, None])[:, 0]
                                 for t, labels in loss_rows])
         edges = eval_long.bucket_edges(LENGTH)

@@ -231,7 +231,7 @@ def test_transformers_check_and_summary():
     flipped = context_extension.compare(ours, fake_results(3.0, [False] * 2 + [True] * 98))
     assert (flipped["differing_trials"], flipped["trials"], flipped["reproduced"]) == (8, 400, False)
     report = {"stages": {"stage1": {"seconds": 1.0, "commands": {"stage1": "done"}}}, "keys": 4,
-              "training": {"stage1": {"step": 5, "loss": 1.0, "tokens_per_s": 10.0, "validation_loss": None}},
+              "training": {"stage1": {"step": 5, "loss": 1.0, "tokens_per_s": 10.0, "mfu": 0.0, "validation_loss": None}},
               "eval": {arm: context_extension.eval_summary_of(fake_results(3.0, [True, False])) for arm in "abc"},
               "transformers": flipped | {"rope_parameters": {"rope_type": "yarn"}}}
     table = context_extension.summary_table(report)
