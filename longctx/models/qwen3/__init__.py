@@ -12,6 +12,10 @@ qwen3_flavors = {
     # dims: https://huggingface.co/Qwen/Qwen3-*/blob/main/config.json
     "debugmodel": DecoderArgs(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768,
                               head_dim=32, max_seq_len=4096, tie_embeddings=True, **QWEN3_FLAGS),
+    # A real Qwen3 shape scaled down (GQA 8/4, q/k norm, head_dim 64, 3x MLP, tied) on the debug tokenizer,
+    # RoPE base 10K for its 2K pretraining length: train_configs/retrieval_2k.toml.
+    "25M": DecoderArgs(vocab_size=512, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1536, head_dim=64,
+                       rope_theta=10000.0, max_seq_len=2048, tie_embeddings=True, **QWEN3_FLAGS),
     "0.6B": DecoderArgs(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=3072, tie_embeddings=True, **_COMMON),
     "1.7B": DecoderArgs(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=6144, tie_embeddings=True, **_COMMON),
     "4B": DecoderArgs(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, hidden_dim=9728, tie_embeddings=True, **_COMMON),
