@@ -14,6 +14,7 @@ import torch
 
 from longctx.base import IGNORE_INDEX, ConfigError, DataError
 from longctx.checkpoint.source import weight_source
+from longctx.data import retrieval
 from longctx.data.tokenize_corpus import tokenize_corpus
 from longctx.launch import validate
 from longctx.modeling import build_model
@@ -44,8 +45,8 @@ def test_bucket_edges():
     assert eval_long.bucket_edges(100) == [0, 6, 12, 24, 48, 96, 100]
 
 
-def debug_words() -> eval_long.Words:
-    return eval_long.Words(validate(eval_long.parse_args(ARGS + ["--out-dir", "/tmp"])[1])[3].tokenizer)
+def debug_words() -> retrieval.Words:
+    return retrieval.Words(validate(eval_long.parse_args(ARGS + ["--out-dir", "/tmp"])[1])[3].tokenizer)
 
 
 def find(tokens: list[int], piece: list[int]) -> list[int]:
@@ -54,32 +55,32 @@ def find(tokens: list[int], piece: list[int]) -> list[int]:
 
 def test_passkey_row_hides_the_key_at_its_depth():
     words = debug_words()
-    needle = words.encode(eval_long.NEEDLE.format(key=12345))
+    needle = words.encode(retrieval.NEEDLE.format(key=12345))
     answer = words.encode(" 12345")
     starts = []
     for depth in (0.0, 0.5, 1.0):
-        tokens, labels = eval_long.labelled(*eval_long.passkey_tokens(words, 200, depth, 12345))
+        tokens, labels = eval_long.labelled(*retrieval.passkey_tokens(words, 200, depth, 12345))
         assert len(tokens) == len(labels) == 200
         assert [label for label in labels if label != IGNORE_INDEX] == answer and tokens[-len(answer):] == answer
         starts += find(tokens, needle)
-    intro = len(words.encode(eval_long.INTRO))
+    intro = len(words.encode(retrieval.INTRO))
     assert starts[0] == intro and starts[0] < starts[1] < starts[2]
-    assert words.word_starts(words.encode(eval_long.FILLER))[0], "the needle goes in before a word"
+    assert words.word_starts(words.encode(retrieval.FILLER))[0], "the needle goes in before a word"
 
 
 def test_multikey_row_holds_every_needle_and_asks_for_one():
     words = debug_words()
     haystack = eval_long.NaturalText(words, np.array(words.encode(" the fast fox sees the red river ." * 40)))
     pairs = [("fox", 11111), ("river", 22222), ("robot", 33333)]
-    tokens, answer_len = eval_long.multikey_tokens(words, haystack.window(eval_long.random.Random(0), 400), 400, pairs,
+    tokens, answer_len = retrieval.multikey_tokens(words, haystack.window(eval_long.random.Random(0), 400), 400, pairs,
                                                    [0.9, 0.0, 0.5], asked=0)
     assert len(tokens) == 400
-    positions = [find(tokens, words.encode(eval_long.MULTIKEY_NEEDLE.format(name=n, value=v))) for n, v in pairs]
+    positions = [find(tokens, words.encode(retrieval.MULTIKEY_NEEDLE.format(name=n, value=v))) for n, v in pairs]
     assert [len(p) for p in positions] == [1, 1, 1] and positions[1] < positions[2] < positions[0], "in depth order"
-    question = words.encode(eval_long.MULTIKEY_QUESTION.format(name="fox"))
+    question = words.encode(retrieval.MULTIKEY_QUESTION.format(name="fox"))
     assert tokens[-answer_len - len(question) :] == question + words.encode(" 11111")
     with pytest.raises(ConfigError, match="shorter than its prompt"):
-        eval_long.multikey_tokens(words, haystack.stream, 120, pairs, [0.0] * 3, asked=0)
+        retrieval.multikey_tokens(words, haystack.stream, 120, pairs, [0.0] * 3, asked=0)
 
 
 def direct_hits(model, rows) -> list[bool]:
@@ -108,8 +109,8 @@ def test_numbers_equal_a_direct_computation(one_process):
             assert (bucket["from"], bucket["to"], bucket["tokens"]) == (lo, hi, 2 * (hi - lo))
             assert bucket["loss"] == pytest.approx(-logprobs[:, lo:hi].mean().item(), abs=1e-5)
         rng = eval_long.random.Random(0)  # the passkey keys: one trial per cell, in order
-        words = eval_long.Words(recipe.tokenizer)
-        passkey_rows = [eval_long.labelled(*eval_long.passkey_tokens(words, n, d, rng.randrange(10000, 100000)))
+        words = retrieval.Words(recipe.tokenizer)
+        passkey_rows = [eval_long.labelled(*retrieval.passkey_tokens(words, n, d, rng.randrange(10000, 100000)))
                         for n in (192, 256) for d in (0.0, 1.0)]
         assert tasks["passkey"][1] == passkey_rows
         for task, (_, rows) in tasks.items():

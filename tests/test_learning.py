@@ -21,6 +21,7 @@ import torch
 from longctx import train
 from longctx.base import ConfigError
 from longctx.config import parse_config
+from longctx.data import retrieval
 from longctx.data.tokenizer import HFTokenizer, document_tokens
 from longctx.launch import validate
 from scripts import context_extension, eval_long
@@ -44,7 +45,7 @@ def generated(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def words():
-    return eval_long.Words(HFTokenizer("assets/debug"))
+    return retrieval.Words(HFTokenizer("assets/debug"))
 
 
 def test_documents_tokenize_back_to_whole_groups(generated, words):
@@ -64,38 +65,36 @@ def find(tokens: list[int], piece: list[int]) -> int:
 
 
 def kind(text: str) -> str:
-    return "passkey" if text.startswith(eval_long.INTRO) else "multikey" if text.startswith(eval_long.MULTIKEY_INTRO) else "natural"
+    return "passkey" if text.startswith(retrieval.INTRO) else "multikey" if text.startswith(retrieval.MULTIKEY_INTRO) else "natural"
 
 
 def test_task_documents_are_eval_long_rows(generated, words):
     """Each passkey and multi-key document, tokenized, is the row eval_long.py builds for its keys at
     its needles' depths: training and evaluation ask the same question."""
-    for name in ("INTRO", "FILLER", "NEEDLE", "QUESTION", "MULTIKEY_INTRO", "MULTIKEY_NEEDLE", "MULTIKEY_QUESTION", "NAMES"):
-        assert getattr(data, name) == getattr(eval_long, name), name
     documents = {task: [t for t in generated["train"] if kind(t) == task] for task in ("natural", "passkey", "multikey")}
     assert all(len(d) >= 5 for d in documents.values()), {task: len(d) for task, d in documents.items()}
     for text in documents["passkey"]:
         tokens = words.encode(text)
         key = int(re.search(r"The pass key is (\d+)\.", text).group(1))
-        room = len(tokens) - sum(len(words.encode(s)) for s in (eval_long.INTRO, eval_long.NEEDLE.format(key=key),
-                                                                 eval_long.QUESTION, f" {key}"))
-        before = find(tokens, words.encode(eval_long.NEEDLE.format(key=key))) - len(words.encode(eval_long.INTRO))
-        assert eval_long.passkey_tokens(words, len(tokens), before / room, key)[0] == tokens
+        room = len(tokens) - sum(len(words.encode(s)) for s in (retrieval.INTRO, retrieval.NEEDLE.format(key=key),
+                                                                 retrieval.QUESTION, f" {key}"))
+        before = find(tokens, words.encode(retrieval.NEEDLE.format(key=key))) - len(words.encode(retrieval.INTRO))
+        assert retrieval.passkey_tokens(words, len(tokens), before / room, key)[0] == tokens
     for text in documents["multikey"]:
         tokens = words.encode(text)
         pairs = [(name, int(value)) for name, value in re.findall(r" The magic number of the (\w+) is (\d+)\.", text)]
         asked = [name for name, _ in pairs].index(re.search(r"What is the magic number of the (\w+)\?", text).group(1))
-        needles = [words.encode(eval_long.MULTIKEY_NEEDLE.format(name=n, value=v)) for n, v in pairs]
+        needles = [words.encode(retrieval.MULTIKEY_NEEDLE.format(name=n, value=v)) for n, v in pairs]
         starts = [find(tokens, needle) for needle in needles]
-        tail = len(words.encode(eval_long.MULTIKEY_QUESTION.format(name=pairs[asked][0]) + f" {pairs[asked][1]}"))
-        filler, done, cuts = [], len(words.encode(eval_long.MULTIKEY_INTRO)), []
+        tail = len(words.encode(retrieval.MULTIKEY_QUESTION.format(name=pairs[asked][0]) + f" {pairs[asked][1]}"))
+        filler, done, cuts = [], len(words.encode(retrieval.MULTIKEY_INTRO)), []
         for start, needle in zip(starts, needles):
             filler += tokens[done:start]
             cuts.append(len(filler))
             done = start + len(needle)
         filler += tokens[done : len(tokens) - tail]
         depths = [cut / len(filler) for cut in cuts]
-        assert eval_long.multikey_tokens(words, filler, len(tokens), pairs, depths, asked)[0] == tokens
+        assert retrieval.multikey_tokens(words, filler, len(tokens), pairs, depths, asked)[0] == tokens
 
 
 def test_heldout_text_comes_from_heldout_documents_only(generated):
@@ -156,8 +155,8 @@ def test_a_small_model_learns_passkey_retrieval(tmp_path):
         "--lr_scheduler.decay_ratio", "0.2", "--metrics.log_freq", "100", "--metrics.no-enable-tensorboard"])
     job = validate(job_config)
     rng = random.Random(1)
-    words = eval_long.Words(job.recipe.tokenizer)
-    rows = [eval_long.labelled(*eval_long.passkey_tokens(words, 255, depth, rng.randrange(10000, 100000)))
+    words = retrieval.Words(job.recipe.tokenizer)
+    rows = [eval_long.labelled(*retrieval.passkey_tokens(words, 255, depth, rng.randrange(10000, 100000)))
             for depth in np.linspace(0, 1, 32)]
     with one_rank():
         model, records = train.train(job_config, job, torch.device("cpu"))
