@@ -246,6 +246,9 @@ def held_out_job(tmp_path, config: str, held_out: str, *extra: str):
 
 
 def test_held_out_data_is_checked_before_any_process_group(tmp_path):
+    missing = str(tmp_path / "no" / "such.jsonl")
+    with pytest.raises(DataError, match=f"^validation.dataset_path='{missing}' does not exist"):
+        held_out_job(tmp_path, DEBUG, missing)
     empty = jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DataError, match=f"^validation.dataset_path='{empty}' has no documents"):
         held_out_job(tmp_path, DEBUG, empty)

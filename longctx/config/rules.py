@@ -162,8 +162,9 @@ VALUE_RULES = (
     Rule("debug.seed", _unset_or(_integer(0, 2**32 - 1)), ">= 0 and < 2**32"),
     Rule("debug.deterministic_warn_only", lambda v, c: not v or c.debug.deterministic,
          "false unless debug.deterministic is true (it relaxes deterministic mode)"),
-    Rule("validation.dataset_path", lambda v, c: v is not None and os.path.exists(v),
-         "a file or folder of held-out documents (validation.enable is true)", when=_is_on("validation", "enable")),
+    # Existence is the data reader's to check, as for training.dataset_path (launch.validate opens both).
+    Rule("validation.dataset_path", lambda v, c: bool(v), "a file or folder of held-out documents (validation.enable is true)",
+         when=_is_on("validation", "enable")),
     Rule("validation.freq", _integer(1), ">= 1 (steps between evaluations)", when=_is_on("validation", "enable")),
     Rule("validation.steps", _integer(1), ">= 1 (batches per evaluation)", when=_is_on("validation", "enable")),
     Rule("validation.local_batch_size", _auto_or(_integer(1)), ">= 1 (or -1: the training value)", when=_is_on("validation", "enable")),
