@@ -1,5 +1,5 @@
 """The floor every layer stands on: the user-error classes, the rank-0 log line, and the constants
-several layers share. It imports nothing of the package (docs/design.md, "Layers").
+and small helpers several layers share. It imports nothing of the package (docs/design.md, "Layers").
 
 A UserError is a refusal of the user's input: the command prints its message as one `error:` line
 and exits with code 2 (launch.run_command). Any other exception is a bug and keeps its traceback.
@@ -36,6 +36,19 @@ class CheckpointError(UserError):
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def pack_greedy(sizes: list[float], capacity: float) -> list[list[int]]:
+    """Indices of `sizes`, in order, grouped greedily: a group closes when the next item would
+    overflow it; an item larger than capacity gets a group of its own."""
+    groups, used = [[]], 0
+    for index, size in enumerate(sizes):
+        if groups[-1] and used + size > capacity:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += size
+    return groups
 
 
 def global_rank() -> int:

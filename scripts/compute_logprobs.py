@@ -23,11 +23,11 @@ import json
 import torch
 import torch.distributed as dist
 
-from longctx.base import IGNORE_INDEX, ConfigError, log
+from longctx.base import IGNORE_INDEX, ConfigError, log, pack_greedy
 from longctx.checkpoint.source import weight_source
 from longctx.config import parse_config
 from longctx.data.documents import load_documents
-from longctx.data.packing import collate, pack_greedy, pack_row
+from longctx.data.packing import collate, pack_row
 from longctx.launch import check_output, distributed, run_command, validate
 from longctx.modeling import build_model, hf_folder_args
 from longctx.parallelisms.context_parallel import unshard_row

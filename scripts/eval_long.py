@@ -45,7 +45,7 @@ from longctx.base import IGNORE_INDEX, ConfigError, DataError
 from longctx.checkpoint.source import weight_source
 from longctx.config import parse_config
 from longctx.data.packing import collate, pack_row
-from longctx.data.retrieval import NAMES, Words, multikey_tokens, passkey_tokens
+from longctx.data.retrieval import NAMES, NaturalText, Words, multikey_tokens, passkey_tokens
 from longctx.data.token_shards import TokenCorpus
 from longctx.launch import distributed, run_command, validate
 from longctx.modeling import build_model, hf_folder_args
@@ -89,19 +89,6 @@ def corpus_rows(tokens: np.ndarray, length: int, n_rows: int) -> list[tuple[list
 def labelled(tokens: list[int], answer_len: int) -> tuple[list[int], list[int]]:
     """(tokens, labels) with only the answer (the last answer_len tokens) labelled: tokens[i] predicts labels[i]."""
     return tokens, [IGNORE_INDEX] * (len(tokens) - answer_len - 1) + tokens[-answer_len:] + [IGNORE_INDEX]
-
-
-class NaturalText:
-    """Windows of a token stream that start at a word (the stream wraps around)."""
-
-    def __init__(self, words: Words, stream: np.ndarray):
-        self.stream = stream
-        self.starts = np.flatnonzero(words.word_starts(stream.tolist())[:-1])
-
-    def window(self, rng: random.Random, length: int) -> np.ndarray:
-        start = int(self.starts[rng.randrange(len(self.starts))])
-        repeats = -(-(start + length) // len(self.stream))
-        return np.tile(self.stream, repeats)[start : start + length] if repeats > 1 else self.stream[start : start + length]
 
 
 def retrieval_rows(words: Words, haystack: NaturalText, args) -> dict[str, tuple[list, list]]:

@@ -41,7 +41,7 @@ import numpy as np
 
 from longctx.base import ConfigError, DataError
 from longctx.data.documents import load_documents
-from longctx.data.retrieval import NAMES, Words, multikey_tokens, passkey_tokens
+from longctx.data.retrieval import NAMES, NaturalText, Words, multikey_tokens, passkey_tokens
 from longctx.data.tokenizer import HFTokenizer
 from longctx.launch import run_command
 
@@ -72,19 +72,6 @@ def natural_stream(words: Words, texts, limit: int) -> np.ndarray:
             tokens.append(np.array(encoding.ids, dtype=np.int32))
             total += len(encoding.ids)
     return np.concatenate(tokens)
-
-
-class NaturalText:
-    """Windows of a token stream that start at a word (the stream wraps around)."""
-
-    def __init__(self, words: Words, stream: np.ndarray):
-        self.stream = stream
-        self.starts = np.flatnonzero(words.word_starts(stream.tolist())[:-1])
-
-    def window(self, rng: random.Random, length: int) -> np.ndarray:
-        start = int(self.starts[rng.randrange(len(self.starts))])
-        repeats = -(-(start + length) // len(self.stream))
-        return np.tile(self.stream, repeats)[start : start + length] if repeats > 1 else self.stream[start : start + length]
 
 
 # ---------------------------------------------------------------- documents

@@ -11,11 +11,11 @@ from collections import Counter
 import pytest
 import torch
 
-from longctx.base import IGNORE_INDEX
+from longctx.base import IGNORE_INDEX, pack_greedy
 from longctx.config import parse_config
 from longctx.data.balance import DocumentCost, deal, microbatch_loads, partition_equal, repack, synced_cost
 from longctx.data.loader import RowLength, RowSchedule, StepLoader
-from longctx.data.packing import PackedStream, pack_greedy
+from longctx.data.packing import PackedStream
 from longctx.data.token_shards import TokenCorpus
 from longctx.modeling import model_spec_and_args
 from longctx.models import get_model_spec

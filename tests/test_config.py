@@ -90,7 +90,8 @@ def test_command_line_mistakes_are_one_line(args, message):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[training]\nsteps = 3\nbogus_key = 1\n", "job.toml: unknown config key training.bogus_key; valid keys of [training]: balance, dataset,"),
+    ("[training]\nsteps = 3\nbogus_key = 1\n",
+     "job.toml: unknown config key training.bogus_key; valid keys of [training]: balance, dataset,"),
     ("[quantize.linear.float8]\nemulate = true\n", "job.toml: unknown config section [quantize]; valid sections: job,"),
     ("[validation.dataloader]\nnum_workers = 2\n", "job.toml: unknown config key validation.dataloader; valid keys of [validation]"),
     ("steps = 3\n", "job.toml: steps = 3 stands outside any [section]"),

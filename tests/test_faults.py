@@ -197,7 +197,8 @@ def test_export_refuses_nonfinite_weights(tmp_path, capfd):
     (["--training.skip_nonfinite_steps", "-1"], "training.skip_nonfinite_steps=-1 must be >= 0"),
     (["--validation.enable"], "validation.dataset_path=None must be a file or folder of held-out documents"),
     (["--validation.enable", "--validation.dataset_path", CONFIG, "--validation.steps", "-1"], "validation.steps=-1 must be >= 1"),
-    (["--profiling.enable_profiling", "--profiling.profile_freq", "2"], "profiling.profile_freq=2 must be >= profiler_warmup + profiler_active = 3 + 1"),
+    (["--profiling.enable_profiling", "--profiling.profile_freq", "2"],
+     "profiling.profile_freq=2 must be >= profiler_warmup + profiler_active = 3 + 1"),
 ])
 def test_bad_values_are_refused_before_the_run(extra, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -63,7 +63,8 @@ def _error_cases(tmp) -> dict[str, list[str]]:
     return {
         "unknown CLI key": ["--job.config_file", CONFIG, "--training.bogus_key", "1"],
         "unknown CLI section": ["--job.config_file", CONFIG, "--bogus_section.x", "1"],
-        "unknown TOML key": ["--job.config_file", _write(tmp / "key.toml", _edit(debug_toml, r"^\[training\]$", "[training]\nbogus_key = 1"))],
+        "unknown TOML key": ["--job.config_file",
+                             _write(tmp / "key.toml", _edit(debug_toml, r"^\[training\]$", "[training]\nbogus_key = 1"))],
         "unknown TOML section": ["--job.config_file", _write(tmp / "sec.toml", debug_toml + "\n[bogus_section]\nx = 1\n")],
         "broken TOML": ["--job.config_file", _write(tmp / "broken.toml", "[training\nsteps = 3\n")],
         "bad flavor": ["--job.config_file", CONFIG, "--model.flavor", "13B"],
@@ -83,7 +84,8 @@ def _error_cases(tmp) -> dict[str, list[str]]:
 MUST_NAME = {
     "unknown CLI key": "bogus_key", "unknown CLI section": "bogus_section", "unknown TOML key": "bogus_key",
     "unknown TOML section": "bogus_section", "bad flavor": "13B", "bad model name": "llama", "bad int value": "abc",
-    "bad choice": "bogus", "bad checkpointing option": "'ops'", "missing config file": "nonexistent.toml", "impossible parallel layout": "world_size=1",
+    "bad choice": "bogus", "bad checkpointing option": "'ops'", "missing config file": "nonexistent.toml",
+    "impossible parallel layout": "world_size=1",
     "bad dataset path": "nothing.jsonl", "broken TOML": "line 1", "bad TOML value": "abc",
 }
 CASES = list(MUST_NAME)

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from longctx.base import CheckpointError, ConfigError, global_rank
+from longctx.base import CheckpointError, ConfigError, global_rank, pack_greedy
 from longctx.checkpoint.files import atomic_folder, check_tensors, load_checkpoint, refuse_existing
 from longctx.models.common.args import DecoderArgs, args_from_hf_config, args_to_hf_config, read_hf_config
 
@@ -137,15 +137,9 @@ def _eos_token_id(assets_path: str | None) -> int | None:
 def plan_shards(shapes: dict[str, torch.Size], itemsize: int, max_bytes: float) -> list[list[str]]:
     """Names per file, in model order; a file closes when the next tensor would overflow it (a
     tensor larger than max_bytes gets a file of its own)."""
-    files, used = [[]], 0
-    for name, shape in shapes.items():
-        size = shape.numel() * itemsize
-        if files[-1] and used + size > max_bytes:
-            files.append([])
-            used = 0
-        files[-1].append(name)
-        used += size
-    return files
+    names = list(shapes)
+    files = pack_greedy([shapes[name].numel() * itemsize for name in names], max_bytes)
+    return [[names[i] for i in indices] for indices in files]
 
 
 def _write_side_files(out: str, spec, model_args, dtype, assets_path: str | None) -> None:

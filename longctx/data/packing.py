@@ -54,19 +54,6 @@ def next_token_labels(tokens: list[int]) -> list[int]:
     return tokens[1:] + [IGNORE_INDEX]
 
 
-def pack_greedy(sizes: list[float], capacity: float) -> list[list[int]]:
-    """Indices of `sizes`, in order, grouped greedily: a group closes when the next item would
-    overflow it; an item larger than capacity gets a group of its own."""
-    groups, used = [[]], 0
-    for index, size in enumerate(sizes):
-        if groups[-1] and used + size > capacity:
-            groups.append([])
-            used = 0
-        groups[-1].append(index)
-        used += size
-    return groups
-
-
 class RowPlan(NamedTuple):
     """A row of a step before any tensor exists: the lengths of its pieces of documents, in order
     (what its cost depends on, data/balance.py), and what its stream builds it from."""

@@ -9,6 +9,8 @@ A row ends with its answer; every insertion falls before a word, so a document w
 tokenizes back to exactly its tokens.
 """
 
+import random
+
 import numpy as np
 
 from longctx.base import ConfigError, DataError
@@ -45,6 +47,19 @@ class Words:
         for t in np.unique(ids[self.is_start[ids] < 0]).tolist():
             self.is_start[t] = self.tokenizer.tokenizer.decode([t]).startswith(" ")
         return np.append(self.is_start[ids] == 1, True)
+
+
+class NaturalText:
+    """Windows of a token stream that start at a word (the stream wraps around)."""
+
+    def __init__(self, words: Words, stream: np.ndarray):
+        self.stream = stream
+        self.starts = np.flatnonzero(words.word_starts(stream.tolist())[:-1])
+
+    def window(self, rng: random.Random, length: int) -> np.ndarray:
+        start = int(self.starts[rng.randrange(len(self.starts))])
+        repeats = -(-(start + length) // len(self.stream))
+        return np.tile(self.stream, repeats)[start : start + length] if repeats > 1 else self.stream[start : start + length]
 
 
 def word_start_near(starts: np.ndarray, index: int) -> int:

@@ -56,9 +56,9 @@ def rope_scaling_from_dict(entry: dict | None, max_position_embeddings: int) -> 
     if unknown:
         raise ConfigError(f"rope scaling {rope_type!r} has unknown keys {unknown}; valid: {sorted(_KEYS[rope_type])}")
     for key, value in values.items():
-        expected = bool if key == "truncate" else (int, float)
-        if value is not None and (not isinstance(value, expected) or (expected != bool and isinstance(value, bool))):
-            raise ConfigError(f"rope scaling {key}={value!r} must be {'true/false' if expected == bool else 'a number'}")
+        flag = key == "truncate"
+        if value is not None and (not isinstance(value, bool if flag else (int, float)) or (not flag and isinstance(value, bool))):
+            raise ConfigError(f"rope scaling {key}={value!r} must be {'true/false' if flag else 'a number'}")
     if rope_type == "yarn":
         # transformers: the original length defaults to max_position_embeddings, and a null factor
         # to their ratio (modeling_rope_utils.standardize_rope_params, _compute_yarn_parameters).
