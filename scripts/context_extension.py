@@ -56,7 +56,7 @@ GPU = {
     "stage1": {}, "stage2": {},
     "eval": ["--length", "16384", "--rows", "4", "--retrieval-lengths", "2048", "4096", "8192", "16384", "--trials", "8"],
     "keys": 4,
-    "caps": {"stage1": 230, "stage2": 150, "other": 300},
+    "caps": {"stage1": 200, "stage2": 120, "other": 240},
     "marks": [2048, 8192],
 }
 SMOKE = {
