@@ -43,7 +43,8 @@ from longctx.data.balance import DocumentCost, synced_cost
 from longctx.data.loader import RowSchedule, StepLoader
 from longctx.data.packing import PackedStream, collate, next_token_labels
 from longctx.launch import init_distributed
-from longctx.modeling import model_spec_and_args, step_context
+from longctx.modeling import model_spec_and_args
+from longctx.parallelisms.settings import forward_context, loss_context
 
 SMOKE = ["--flavor", "debugmodel", "--layers", "1", "--seq", "256", "--min-doc", "16", "--median-doc", "48", "--dp", "4",
          "--grad-accum", "2", "--ac", "none", "--no-compile", "--packing", "split", "whole"]
@@ -127,8 +128,9 @@ def time_row(system: Ours, row: dict, device) -> float:
     [microbatch] = train.on_device([collate([row])], system.parallel_dims, device)
     sync(device)
     start = time.perf_counter()
-    with step_context(system.parallel_dims, system.job_config):
-        loss_sum, _ = system.recipe.loss_sum(system.model, microbatch)
+    with loss_context(system.settings):
+        with forward_context(system.settings, device.type):
+            loss_sum, _ = system.recipe.loss_sum(system.model, microbatch)
         loss_sum.backward()
     sync(device)
     return time.perf_counter() - start

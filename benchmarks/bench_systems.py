@@ -48,7 +48,9 @@ class Ours:
         self.job = validate(self.job_config)
         if settings:  # settings no config key reaches (the bench's FSDP on one rank, to time what it costs)
             self.job = self.job._replace(settings=dataclasses.replace(self.job.settings, **settings))
-        self.spec, self.model_args, self.parallel_dims, self.recipe, self.settings = self.job
+        job = self.job
+        self.spec, self.model_args, self.parallel_dims, self.recipe, self.settings = (
+            job.spec, job.model_args, job.parallel_dims, job.recipe, job.settings)
         self.device, self.doc_len = device, doc_len
         self.model = build_model(self.spec, self.model_args, self.parallel_dims, self.settings, device,
                                  weight_source(self.job_config))

@@ -2,7 +2,8 @@
 at 2K from random weights, then three arms take it to 8K and every arm is evaluated to 16K.
 
     python scripts/context_extension.py --out-dir outputs/context_extension --card "1x H100 80GB"
-    python scripts/context_extension.py --out-dir /tmp/context_extension --card CPU --smoke   # tiny, on CPU
+    python scripts/context_extension.py --out-dir outputs/context_extension_cpu --card "CPU, 2 cores" --size cpu
+    python scripts/context_extension.py --out-dir /tmp/context_extension --card CPU --size smoke   # the path, in a minute
 
 Stages, each printed with its wall time, then a summary table (also OUT/summary.json):
   data    scripts/make_retrieval_data.py: 2K documents for stage 1, 8K ones for stage 2 and held-out
@@ -16,7 +17,9 @@ Stages, each printed with its wall time, then a summary table (also OUT/summary.
   transformers  eval_long.py --backend transformers on the export and ours on arm (c), both in fp32,
           compared number for number (each trial, each position bucket)
   plots   scripts/plot_context_extension.py into OUT/plots
-The configs that ran (the TOMLs with this run's paths and, for --smoke, its sizes) are in
+--size cpu is the same experiment 8x shorter (256 -> 1K, evaluated to 2K) with a 0.5M-parameter
+model, about 10 minutes on 2 CPU cores. The configs that ran (the TOMLs with this
+run's paths and sizes) are in
 OUT/configs, every command's output in OUT/logs. A training stage still running at its cap gets
 SIGTERM: it saves its checkpoint after the step in flight and the experiment goes on (the summary
 says so). Exit code 0 when every stage ran and transformers reproduced arm (c)'s numbers.
@@ -45,19 +48,42 @@ TASKS = ("passkey", "multikey")
 # (~1e-5 nats); a trial may flip only where two logits tie to within that.
 LOSS_TOLERANCE, TRIAL_TOLERANCE = 1e-3, 0.01
 
-# Sizes: the GPU run (about 7 minutes on one H100, see the stage caps) and the CPU smoke test.
+# Sizes: the GPU run (about 7 minutes on one H100, see the stage caps), the CPU run and the smoke test.
+# "stage2" overrides both arms' configs, "arm_c" arm (c)'s alone.
 GPU = {
     # Retrieval documents weighted up from make_retrieval_data.py's default (0.2 0.4 0.4): on CPU a
     # 2-layer model learned passkey after ~4.4K passkey documents alone, and not within 5.6K mixed with
     # the other two kinds. Multi-key documents are mostly natural text (their haystack).
-    "data_2k": ["--lengths", "256", "2048", "--mix", "0.1", "0.45", "0.45", "--train-tokens", "80000000", "--heldout-docs", "0"],
-    "data_8k": ["--lengths", "512", "8192", "--mix", "0.1", "0.45", "0.45", "--train-tokens", "12000000",
+    "data_2k": ["--lengths", "256", "2048", "--mix", "0.1", "0.45", "0.45", "--train-tokens", "60000000", "--heldout-docs", "0"],
+    "data_8k": ["--lengths", "512", "8192", "--mix", "0.1", "0.45", "0.45", "--train-tokens", "8000000",
                 "--val-tokens", "65536", "--heldout-docs", "8", "--heldout-length", "16384"],
-    "stage1": {}, "stage2": {},
+    "stage1": {}, "stage2": {}, "arm_c": {},
     "eval": ["--length", "16384", "--rows", "4", "--retrieval-lengths", "2048", "4096", "8192", "16384", "--trials", "8"],
     "keys": 4,
-    "caps": {"stage1": 200, "stage2": 120, "other": 240},
+    "caps": {"stage1": 160, "stage2": 100, "other": 150},
     "marks": [2048, 8192],
+}
+_CPU_MODEL = {"model": {"flavor": "0.5M"}, "compile": {"enable": False}, "optimizer": {"implementation": "foreach"}}
+CPU = {
+    # Measured on 2 cores: this model learns passkey at 256 from passkey documents alone in 600-800
+    # steps (tests/test_learning.py) but not within 3000 steps of the mixture, at 256 or at 512; a
+    # passkey-only opening (1000 steps) and then the mixture keeps it and adds multi-key.
+    "data_2k": ["--lengths", "256", "256", "--mix", "0.1", "0.45", "0.45", "--passkey-first", "2048000", "--train-tokens", "4300000",
+                "--val-tokens", "8192", "--heldout-docs", "0"],
+    "data_8k": ["--lengths", "256", "1024", "--mix", "0.1", "0.45", "0.45", "--train-tokens", "1500000", "--val-tokens", "8192",
+                "--heldout-docs", "8", "--heldout-length", "2048"],
+    "stage1": {**_CPU_MODEL, "training": {"seq_len": 256, "local_batch_size": 8, "steps": 2000, "mixed_precision_param": "float32"},
+               "optimizer": {"implementation": "foreach", "lr": 5e-4},
+               "lr_scheduler": {"warmup_steps": 20, "decay_type": "linear", "decay_ratio": 0.2},
+               "validation": {"freq": 1000}, "metrics": {"log_freq": 100}},
+    "stage2": {**_CPU_MODEL, "training": {"seq_len": 1024, "seq_len_schedule": [[0, 512], [100, 1024]], "local_batch_size": 4,
+                                          "steps": 300, "mixed_precision_param": "float32"},
+               "metrics": {"log_freq": 25}},
+    "arm_c": {"model": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}}},
+    "eval": ["--length", "2048", "--rows", "4", "--retrieval-lengths", "256", "512", "1024", "2048", "--trials", "8"],
+    "keys": 4,
+    "caps": {"stage1": 1200, "stage2": 900, "other": 900},
+    "marks": [256, 1024],
 }
 SMOKE = {
     "data_2k": ["--lengths", "256", "512", "--train-tokens", "30000", "--val-tokens", "8192", "--heldout-docs", "0",
@@ -76,6 +102,7 @@ SMOKE = {
     "caps": {"stage1": 600, "stage2": 600, "other": 600},
     "marks": [512, 1024],
 }
+SIZES = {"gpu": GPU, "cpu": CPU, "smoke": SMOKE}
 
 
 # ---------------------------------------------------------------- configs
@@ -270,7 +297,8 @@ def experiment(args, plan: dict, report: dict) -> None:
     for arm in ("b", "c"):
         configs[arm] = write_config(f"arm_{arm}", CONFIGS[arm], merged(
             {"job": {"dump_folder": dumps[arm]}, "training": {"dataset_path": f"{data['8k']}/tokens"},
-             "checkpoint": {"initial_load_path": f"{dumps['stage1']}/checkpoint"}}, plan["stage2"]), args.out_dir)
+             "checkpoint": {"initial_load_path": f"{dumps['stage1']}/checkpoint"}}, plan["stage2"], plan.get(f"arm_{arm}", {})),
+            args.out_dir)
     run_stage("stage2", {f"arm_{arm}": ["train.py", "--job.config_file", configs[arm]] for arm in ("b", "c")},
               args.out_dir, plan["caps"]["stage2"], report)
     for arm in ("b", "c"):
@@ -313,7 +341,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", required=True, help="folder for everything (must not exist, or be empty)")
     parser.add_argument("--card", required=True, help="the hardware, named in every picture's title")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: the same path in minutes")
+    parser.add_argument("--size", choices=SIZES, default="gpu",
+                        help="gpu: one GPU, ~7 minutes; cpu: an 8x shorter context on CPU, ~10 minutes; smoke: the path in a minute")
     parser.add_argument("--seed", type=int, default=0, help="the data's seed and the evaluation's keys")
     args = parser.parse_args(argv)
     if os.path.isfile(args.out_dir) or (os.path.isdir(args.out_dir) and os.listdir(args.out_dir)):
@@ -321,9 +350,9 @@ def main(argv: list[str]) -> int:
     for folder in ("configs", "logs"):
         os.makedirs(os.path.join(args.out_dir, folder), exist_ok=True)
     start = time.perf_counter()
-    report = {"card": args.card, "smoke": args.smoke, "stages": {}, "training": {}}
+    report = {"card": args.card, "size": args.size, "stages": {}, "training": {}}
     try:
-        experiment(args, SMOKE if args.smoke else GPU, report)
+        experiment(args, SIZES[args.size], report)
     finally:
         report["seconds"] = round(time.perf_counter() - start, 1)
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:

@@ -106,13 +106,14 @@ class Documents:
             room -= length
         return lengths
 
-    def chunk(self, seed: str, n_tokens: int) -> tuple[str, dict]:
-        """Whole groups of at least n_tokens tokens, as JSON lines; their documents and tokens per task."""
+    def chunk(self, seed: str, n_tokens: int, mix: list[float]) -> tuple[str, dict]:
+        """Whole groups of at least n_tokens tokens of the tasks in `mix` proportions, as JSON lines;
+        their documents and tokens per task."""
         rng = random.Random(seed)
         lines, counts = [], {task: {"documents": 0, "tokens": 0} for task in TASKS}
         for _ in range(-(-n_tokens // self.args.pack_to)):
             for length in self.group_lengths(rng):
-                task = rng.choices(TASKS, weights=self.args.mix)[0]
+                task = rng.choices(TASKS, weights=mix)[0]
                 lines.append(json.dumps({"text": self.words.tokenizer.tokenizer.decode(self.build(rng, task, length))}) + "\n")
                 counts[task]["documents"] += 1
                 counts[task]["tokens"] += length
@@ -128,15 +129,16 @@ def _set_documents(documents: Documents) -> None:
     _documents = documents
 
 
-def _chunk(seed_and_tokens: tuple[str, int]) -> tuple[str, dict]:
-    return _documents.chunk(*seed_and_tokens)
+def _chunk(chunk: tuple[str, int, list[float]]) -> tuple[str, dict]:
+    return _documents.chunk(*chunk)
 
 
-def write_documents(path: str, documents: Documents, seed: str, n_tokens: int, workers: int) -> dict:
-    """Chunks of documents until n_tokens, built by `workers` processes and written in order; the
-    documents and tokens per task."""
+def write_documents(path: str, documents: Documents, parts: list[tuple[str, int, list[float]]], workers: int) -> dict:
+    """Each (seed, n_tokens, mix) part in turn, in chunks built by `workers` processes and written
+    in order; the documents and tokens per task."""
     counts = {task: {"documents": 0, "tokens": 0} for task in TASKS}
-    chunks = [(f"{seed}-{i}", min(CHUNK_TOKENS, n_tokens - start)) for i, start in enumerate(range(0, n_tokens, CHUNK_TOKENS))]
+    chunks = [(f"{seed}-{i}", min(CHUNK_TOKENS, n_tokens - start), mix)
+              for seed, n_tokens, mix in parts if n_tokens for i, start in enumerate(range(0, n_tokens, CHUNK_TOKENS))]
     # fork: the workers start with the tokenized corpus, without importing torch again
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with context.Pool(workers, initializer=_set_documents, initargs=(documents,)) as pool, open(path, "w") as f:
@@ -186,6 +188,8 @@ def check_args(args) -> None:
         raise ConfigError(f"--keys {args.keys} must be between 1 and {len(NAMES)} (the names a multi-key task draws from)")
     if args.train_tokens < 1 or args.val_tokens < 1 or args.workers < 1:
         raise ConfigError("--train-tokens, --val-tokens and --workers must be >= 1")
+    if not 0 <= args.passkey_first <= args.train_tokens:
+        raise ConfigError(f"--passkey-first {args.passkey_first} must lie in [0, --train-tokens {args.train_tokens}]")
     if not 0 < args.heldout_fraction < 1:
         raise ConfigError(f"--heldout-fraction {args.heldout_fraction} must lie in (0, 1)")
     if args.heldout_docs < 0 or args.heldout_length < 2:
@@ -228,6 +232,9 @@ def parse_args(argv: list[str]):
                         help="weights of the three document kinds")
     parser.add_argument("--keys", type=int, default=4, help="key/value pairs per multi-key document")
     parser.add_argument("--train-tokens", type=int, default=2**25, help="tokens of train.jsonl (whole groups: up to --pack-to more)")
+    parser.add_argument("--passkey-first", type=int, default=0,
+                        help="train.jsonl opens with this many tokens of passkey documents alone (of --train-tokens): a "
+                             "small model forms the copying circuit on the easiest task first, then keeps it in the mix")
     parser.add_argument("--val-tokens", type=int, default=2**20, help="tokens of val.jsonl")
     parser.add_argument("--heldout-fraction", type=float, default=0.2, help="corpus documents kept for heldout.jsonl")
     parser.add_argument("--heldout-docs", type=int, default=8)
@@ -251,8 +258,11 @@ def main(argv: list[str]) -> None:
     heldout = heldout_documents(words, heldout_texts, random.Random(f"{args.seed}-heldout"), args.heldout_docs, args.heldout_length)
     os.makedirs(args.out_dir, exist_ok=True)
     out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
-    files = {"train.jsonl": write_documents(out("train.jsonl"), documents, f"{args.seed}-train", args.train_tokens, args.workers),
-             "val.jsonl": write_documents(out("val.jsonl"), documents, f"{args.seed}-val", args.val_tokens, args.workers),
+    passkey_only = [float(task == "passkey") for task in TASKS]
+    train_parts = [(f"{args.seed}-train-passkey-first", args.passkey_first, passkey_only),
+                   (f"{args.seed}-train", args.train_tokens - args.passkey_first, args.mix)]
+    files = {"train.jsonl": write_documents(out("train.jsonl"), documents, train_parts, args.workers),
+             "val.jsonl": write_documents(out("val.jsonl"), documents, [(f"{args.seed}-val", args.val_tokens, args.mix)], args.workers),
              "heldout.jsonl": write_heldout(out("heldout.jsonl"), heldout, args.heldout_length)}
     with open(out("manifest.json"), "w") as f:
         json.dump({"args": vars(args), "files": files}, f, indent=1)

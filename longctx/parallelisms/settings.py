@@ -2,7 +2,7 @@
 
 `launch.validate` derives the settings from the job config (or, with activation_checkpoint.mode =
 "auto", lets the planner choose them: planner/auto.py); `parallelize_fn` wraps the model with
-them, the training step runs under `step_context` (loss parallel, autocast) and the memory planner
+them, the training step runs under `loss_context` and `forward_context` (loss parallel, autocast) and the planner
 adds up their cost. None of them changes a number the model computes beyond bf16 rounding.
 """
 

@@ -16,6 +16,10 @@ qwen3_flavors = {
     # RoPE base 10K for its 2K pretraining length: train_configs/retrieval_2k.toml.
     "25M": DecoderArgs(vocab_size=512, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1536, head_dim=64,
                        rope_theta=10000.0, max_seq_len=2048, tie_embeddings=True, **QWEN3_FLAGS),
+    # The same shape at CPU size (2 layers suffice for the induction a retrieval needs), RoPE base 10K
+    # for its 256-token pretraining: scripts/context_extension.py --size cpu.
+    "0.5M": DecoderArgs(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=384, head_dim=32,
+                        rope_theta=10000.0, max_seq_len=256, tie_embeddings=True, **QWEN3_FLAGS),
     "0.6B": DecoderArgs(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=3072, tie_embeddings=True, **_COMMON),
     "1.7B": DecoderArgs(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=6144, tie_embeddings=True, **_COMMON),
     "4B": DecoderArgs(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, hidden_dim=9728, tie_embeddings=True, **_COMMON),
