@@ -116,12 +116,23 @@ def test_heldout_text_comes_from_heldout_documents_only(generated):
     (["--keys", "17"], "--keys"),
     (["--heldout-fraction", "1.5"], "--heldout-fraction"),
     (["--corpus", "nowhere.jsonl"], "--corpus"),
+    (["--passkey-first", "40000"], "--passkey-first 40000 must lie in [0, --train-tokens 30000]"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, flags, named):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=re.escape(named)):
         data.main(["--out-dir", str(out), *DATA_ARGS, *flags])
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_passkey_first_opens_train_with_passkey_documents_alone(tmp_path, words):
+    data.main(["--out-dir", str(tmp_path / "data"), "--lengths", "256", "256", "--passkey-first", "2048",
+               "--train-tokens", "8192", "--val-tokens", "1024", "--heldout-docs", "0", "--workers", "1", "--seed", "5"])
+    texts = [json.loads(line)["text"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    kinds = [kind(text) for text in texts]
+    assert len(texts) == 32 and kinds[:8] == ["passkey"] * 8 and set(kinds[8:]) > {"passkey"}, kinds
+    counts = json.loads((tmp_path / "data" / "manifest.json").read_text())["files"]["train.jsonl"]
+    assert counts["passkey"]["documents"] == kinds.count("passkey")
 
 
 # ---------------------------------------------------------------- learning
