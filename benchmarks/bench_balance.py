@@ -3,6 +3,7 @@
     python benchmarks/bench_balance.py                    # one GPU: Qwen3-0.6B, 64K rows, dp 8, cp 1 and 2
     python benchmarks/bench_balance.py --packing whole    # SFT's packing: documents whole, re-packed by cost
     python benchmarks/bench_balance.py --smoke            # CPU, tiny model: checks the script
+    python benchmarks/bench_balance.py --plan-only        # any machine: the cost model's straggler ratios, no timing
 
 Documents of log-normal length (256 to 64K tokens) are packed into 64K rows by the training
 streams themselves (--packing split: pretraining, documents split at row ends; whole: SFT and
@@ -68,6 +69,7 @@ def parse_args(argv):
     p.add_argument("--no-compile", action="store_true", help="eager blocks (CPU)")
     p.add_argument("--config", default="train_configs/qwen3_bench.toml")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plan-only", action="store_true", help="the cost model's figures only: no model, no timing")
     p.add_argument("--smoke", action="store_true", help="CPU-sized run of every path: " + " ".join(SMOKE))
     args = p.parse_args(argv)
     return p.parse_args(SMOKE + argv) if args.smoke else args
@@ -77,11 +79,12 @@ def parse_args(argv):
 
 
 def long_tail_stream(args, packing: str, vocab: int) -> PackedStream:
-    """Endless log-normal documents of random tokens, packed by the training streams' own code."""
+    """Endless log-normal documents of random tokens (zeros with --plan-only: only lengths count),
+    packed by the training streams' own code."""
     def encode(index: int):
         rng = random.Random(args.seed * 1_000_003 + index)
-        length = round(math.exp(rng.gauss(math.log(args.median_doc), args.sigma)))
-        tokens = [rng.randrange(vocab) for _ in range(min(max(length, args.min_doc), args.seq))]
+        length = min(max(round(math.exp(rng.gauss(math.log(args.median_doc), args.sigma))), args.min_doc), args.seq)
+        tokens = [0] * length if args.plan_only else [rng.randrange(vocab) for _ in range(length)]
         return tokens, next_token_labels(tokens)
 
     return PackedStream(range(10**6), encode, pad_id=0, split_documents=packing == "split")
@@ -186,6 +189,31 @@ def measure(args, packing: str, cp: int, system: Ours, cost: DocumentCost, share
     }
 
 
+def plan(args, packing: str, cost: DocumentCost) -> dict:
+    """The cost model's figures alone: straggler ratios and step gain as planned (cp divides every
+    row alike, so they hold for every cp)."""
+    _, steps = global_batches(args, packing, 2, cost)
+    planned = {name: [[cost.row(p.lengths, args.seq) for p in pair[i]] for pair in steps]
+               for i, name in enumerate(("position", "balanced"))}
+    step = {name: sum(synced_cost(c, args.dp, args.local_batch) for c in planned[name]) for name in planned}
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return {"packing": packing, "straggler position": mean([straggler(c, args) for c in planned["position"]]),
+            "straggler balanced": mean([straggler(c, args) for c in planned["balanced"]]),
+            "worst position": max(straggler(c, args) for c in planned["position"]),
+            "worst balanced": max(straggler(c, args) for c in planned["balanced"]),
+            "planned gain": step["position"] / step["balanced"]}
+
+
+def print_plan(results: list[dict], args, cost: DocumentCost) -> None:
+    print(f"\nplanned only (the cost model, no timing): Qwen3-{args.flavor}, rows of {args.seq} tokens, documents log-normal "
+          f"{args.min_doc}..{args.seq} (median {args.median_doc}, sigma {args.sigma}), dp {args.dp} x {args.grad_accum} "
+          f"micro-batches x {args.local_batch} rows, {args.steps} step(s); b/a = {cost.quadratic / cost.linear:.3g}")
+    header = ("packing", "straggler position", "straggler balanced", "worst position", "worst balanced", "planned gain")
+    print(" | ".join(header))
+    for r in results:
+        print(" | ".join(f"{r[key]:.2f}" if isinstance(r[key], float) else str(r[key]) for key in header))
+
+
 def print_table(results: list[dict], args, device) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\nQwen3-{args.flavor}{f' ({args.layers} layers)' if args.layers else ''} on {name}, rows of {args.seq} tokens, "
@@ -209,6 +237,9 @@ def main(argv) -> None:
         model_args = dataclasses.replace(model_args, n_layers=args.layers)
     # The loader's cost model: the whole model's, whatever the cp (cp divides every row alike).
     cost = DocumentCost.from_flops_per_token(model_args.flops_per_token)
+    if args.plan_only:
+        print_plan([plan(args, packing, cost) for packing in args.packing], args, cost)
+        return
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for cp in args.cp:

@@ -180,10 +180,11 @@ class TokenCorpus:
         self.shard_starts = np.cumsum([0] + [s["num_tokens"] for s in metadata["shards"]])
         self.num_tokens, self.num_documents = metadata["num_tokens"], metadata["num_documents"]
 
-    def span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens [start, start+length) of the endless stream (int64), and the offsets in (0, length]
-        at which a document ends inside it (ascending)."""
-        pieces, ends, done = [], [], 0
+    def walk(self, start: int, length: int):
+        """Stream tokens [start, start+length) of the endless stream, shard by shard: (shard, lo, hi,
+        ends) for tokens lo:hi of each shard crossed, ends the offsets in (0, length] at which a
+        document ends inside them. The index alone: no token is read."""
+        done = 0
         while done < length:
             at = (start + done) % self.num_tokens
             shard = int(np.searchsorted(self.shard_starts, at, side="right")) - 1
@@ -191,10 +192,15 @@ class TokenCorpus:
             hi = min(int(self.shard_starts[shard + 1] - self.shard_starts[shard]), lo + length - done)
             shard_ends = self.ends[shard]
             inside = shard_ends[np.searchsorted(shard_ends, lo, side="right") : np.searchsorted(shard_ends, hi, side="right")]
-            pieces.append(self.tokens[shard][lo:hi])
-            ends.append(inside - lo + done)
+            yield shard, lo, hi, inside - lo + done
             done += hi - lo
-        return np.concatenate(pieces).astype(np.int64), np.concatenate(ends)
+
+    def span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [start, start+length) of the endless stream (int64), and the offsets in (0, length]
+        at which a document ends inside it (ascending)."""
+        pieces = list(self.walk(start, length))
+        tokens = np.concatenate([self.tokens[shard][lo:hi] for shard, lo, hi, _ in pieces])
+        return tokens.astype(np.int64), np.concatenate([ends for *_, ends in pieces])
 
 
 class TokenStream:
@@ -235,18 +241,9 @@ class TokenStream:
 
     def piece_lengths(self, start: int, length: int) -> tuple[int, ...]:
         """Lengths of the pieces of documents in stream tokens [start, start+length): the row's
-        segments, as `row` cuts them. The shard walk of TokenCorpus.span, over the index only."""
-        corpus, ends, done = self.corpus, [], 0
-        while done < length:
-            at = (start + done) % corpus.num_tokens
-            shard = int(np.searchsorted(corpus.shard_starts, at, side="right")) - 1
-            lo = at - int(corpus.shard_starts[shard])
-            hi = min(int(corpus.shard_starts[shard + 1] - corpus.shard_starts[shard]), lo + length - done)
-            shard_ends = corpus.ends[shard]
-            inside = shard_ends[np.searchsorted(shard_ends, lo, side="right") : np.searchsorted(shard_ends, hi, side="right")]
-            ends.extend((inside - lo + done).tolist())
-            done += hi - lo
-        inner = np.array([end for end in ends if end < length], dtype=np.int64)  # one ending with the row closes its last piece anyway
+        segments, as `row` cuts them, from the document index alone."""
+        ends = np.concatenate([ends for *_, ends in self.corpus.walk(start, length)])
+        inner = ends[ends < length]  # a document ending with the row closes its last piece anyway
         return tuple(np.diff(inner, prepend=0, append=length).tolist())
 
     def state_dict(self) -> dict:
