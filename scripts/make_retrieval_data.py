@@ -29,6 +29,8 @@ The tasks are longctx/data/retrieval.py's, the ones eval_long.py scores.
 """
 
 import argparse
+import contextlib
+import gc
 import itertools
 import json
 import math
@@ -36,6 +38,7 @@ import multiprocessing
 import os
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -139,14 +142,32 @@ def write_documents(path: str, documents: Documents, parts: list[tuple[str, int,
     counts = {task: {"documents": 0, "tokens": 0} for task in TASKS}
     chunks = [(f"{seed}-{i}", min(CHUNK_TOKENS, n_tokens - start), mix)
               for seed, n_tokens, mix in parts if n_tokens for i, start in enumerate(range(0, n_tokens, CHUNK_TOKENS))]
-    # fork: the workers start with the tokenized corpus, without importing torch again
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with context.Pool(workers, initializer=_set_documents, initargs=(documents,)) as pool, open(path, "w") as f:
-        for text, chunk_counts in pool.imap(_chunk, chunks):
+    with open(path, "w") as f, _chunk_builder(documents, workers) as build:
+        for text, chunk_counts in build(_chunk, chunks):
             f.write(text)
             for task, c in chunk_counts.items():
                 counts[task] = {key: counts[task][key] + value for key, value in c.items()}
     return counts
+
+
+@contextlib.contextmanager
+def _chunk_builder(documents: Documents, workers: int):
+    """An ordered map over chunks: in this process for one worker, else forked workers, which
+    start with the tokenized corpus without importing torch again. The objects that exist at the
+    fork are frozen out of the collector first: a worker collecting the parent's objects (another
+    thread's torch or process-group state, when called from a program with threads) may crash. A
+    worker that dies fails the map (BrokenProcessPool) rather than hanging it."""
+    if workers == 1:
+        _set_documents(documents)
+        yield map
+        return
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    gc.freeze()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_documents, initargs=(documents,)) as pool:
+            yield pool.map
+    finally:
+        gc.unfreeze()
 
 
 def heldout_documents(words: Words, texts: Texts, rng: random.Random, n_docs: int, length: int) -> list[str]:
