@@ -166,14 +166,24 @@ def fit(rows: list[tuple], seconds: list[float], padded: int) -> tuple[float, fl
     return alpha, beta
 
 
+ORDERS = ("position", "balanced")
+
+
+def per_order(steps, row_cost) -> dict[str, list[list[float]]]:
+    """{order: per step, each row's cost} for rows dealt by position and balanced."""
+    return {name: [[row_cost(p) for p in pair[i]] for pair in steps] for i, name in enumerate(ORDERS)}
+
+
+def step_costs(costs: dict[str, list[list[float]]], args) -> dict[str, float]:
+    """{order: the synced steps' total}: at each micro-batch the slowest rank."""
+    return {name: sum(synced_cost(c, args.dp, args.local_batch) for c in costs[name]) for name in costs}
+
+
 def measure(args, packing: str, cp: int, system: Ours, cost: DocumentCost, share_cost: DocumentCost, device) -> dict:
     stream, steps = global_batches(args, packing, system.model_args.vocab_size, cost)  # the same lengths under every cp
     seconds = time_rows(system, stream, [plan for pair in steps for plans in pair for plan in plans], args, device)
-    timed = {name: [[seconds[p.lengths] for p in pair[i]] for pair in steps] for i, name in enumerate(("position", "balanced"))}
-    planned = {name: [[cost.row(p.lengths, args.seq) for p in pair[i]] for pair in steps]
-               for i, name in enumerate(("position", "balanced"))}
-    step = {name: sum(synced_cost(t, args.dp, args.local_batch) for t in timed[name]) for name in timed}
-    plan_step = {name: sum(synced_cost(c, args.dp, args.local_batch) for c in planned[name]) for name in planned}
+    timed = per_order(steps, lambda p: seconds[p.lengths])
+    step, plan_step = step_costs(timed, args), step_costs(per_order(steps, lambda p: cost.row(p.lengths, args.seq)), args)
     rows, times = list(seconds), list(seconds.values())
     alpha, beta = fit(rows, times, args.seq)
     scale = sum(times) / sum(share_cost.row(r, args.seq) for r in rows)
@@ -193,9 +203,8 @@ def plan(args, packing: str, cost: DocumentCost) -> dict:
     """The cost model's figures alone: straggler ratios and step gain as planned (cp divides every
     row alike, so they hold for every cp)."""
     _, steps = global_batches(args, packing, 2, cost)
-    planned = {name: [[cost.row(p.lengths, args.seq) for p in pair[i]] for pair in steps]
-               for i, name in enumerate(("position", "balanced"))}
-    step = {name: sum(synced_cost(c, args.dp, args.local_batch) for c in planned[name]) for name in planned}
+    planned = per_order(steps, lambda p: cost.row(p.lengths, args.seq))
+    step = step_costs(planned, args)
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     return {"packing": packing, "straggler position": mean([straggler(c, args) for c in planned["position"]]),
             "straggler balanced": mean([straggler(c, args) for c in planned["balanced"]]),
