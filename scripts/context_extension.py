@@ -37,13 +37,13 @@ import time
 import tomllib
 
 from longctx.base import ConfigError
+from longctx.data.retrieval import TASKS, fmt_tokens
 from longctx.launch import free_port, run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"stage1": "train_configs/retrieval_2k.toml", "b": "train_configs/retrieval_8k_rope.toml",
            "c": "train_configs/retrieval_8k_yarn.toml"}
 ARMS = {"a": "(a) stage 1 as is", "b": "(b) plain RoPE", "c": "(c) YaRN x4"}
-TASKS = ("passkey", "multikey")
 # transformers against our evaluation of arm (c), both in fp32: summation order alone separates them
 # (~1e-5 nats); a trial may flip only where two logits tie to within that.
 LOSS_TOLERANCE, TRIAL_TOLERANCE = 1e-3, 0.01
@@ -76,7 +76,7 @@ CPU = {
     "data_8k": ["--lengths", "256", "1024", "--mix", "0.1", "0.3", "0.6", "--train-tokens", "1500000", "--val-tokens", "8192",
                 "--heldout-docs", "8", "--heldout-length", "2048"],
     "stage1": {**_CPU_MODEL, "training": {"seq_len": 256, "local_batch_size": 8, "steps": 4000, "mixed_precision_param": "float32"},
-               "optimizer": {"implementation": "foreach", "lr": 5e-4},
+               "optimizer": {**_CPU_MODEL["optimizer"], "lr": 5e-4},
                "lr_scheduler": {"warmup_steps": 20, "decay_type": "linear", "decay_ratio": 0.2},
                "validation": {"freq": 2000}, "metrics": {"log_freq": 100}},
     "stage2": {**_CPU_MODEL, "training": {"seq_len": 1024, "seq_len_schedule": [[0, 512], [100, 1024]], "local_batch_size": 4,
@@ -264,10 +264,6 @@ def summary_table(report: dict) -> str:
                   f"(tolerance {TRIAL_TOLERANCE:.0%}): {'reproduced' if check['reproduced'] else 'NOT reproduced'}; "
                   f"config.json rope_parameters {check['rope_parameters']}"]
     return "\n".join(lines)
-
-
-def fmt_tokens(n: int) -> str:
-    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def eval_summary_of(results: dict) -> dict:

@@ -45,13 +45,12 @@ from longctx.base import IGNORE_INDEX, ConfigError, DataError
 from longctx.checkpoint.source import weight_source
 from longctx.config import parse_config
 from longctx.data.packing import collate, pack_row
-from longctx.data.retrieval import NAMES, NaturalText, Words, multikey_tokens, passkey_tokens
+from longctx.data.retrieval import NAMES, TASKS, NaturalText, Words, fmt_tokens, multikey_tokens, passkey_tokens
 from longctx.data.token_shards import TokenCorpus
 from longctx.launch import distributed, run_command, validate
 from longctx.modeling import build_model, hf_folder_args
 from longctx.parallelisms.settings import forward_context
 
-TASKS = ("passkey", "multikey")
 
 def bucket_edges(length: int, first: int = 4096) -> list[int]:
     """[0, b, 2b, 4b, ..., length] with b = min(first, length // 16): doubling buckets up to the length."""
@@ -174,10 +173,6 @@ def retrieval_accuracy(scores: list[torch.Tensor], cells: list[tuple[int, float]
         answer = torch.tensor(labels) != IGNORE_INDEX
         hits.setdefault(cell, []).append(bool(score[answer, 1].all()))
     return [{"length": n, "depth": d, "accuracy": sum(h) / len(h), "hits": h} for (n, d), h in hits.items()]
-
-
-def fmt_tokens(n: int) -> str:
-    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def report(results: dict) -> str:

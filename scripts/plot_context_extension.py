@@ -15,13 +15,10 @@ import json
 import os
 
 from longctx.base import ConfigError, DataError
+from longctx.data.retrieval import fmt_tokens
 from longctx.launch import run_command
 
-TASKS = {"passkey": "passkey", "multikey": "multi-key"}
-
-
-def fmt_tokens(n: int) -> str:
-    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+TASKS = {"passkey": "passkey", "multikey": "multi-key"}  # eval_long.json's task -> its label
 
 
 def read_results(spec: str) -> tuple[str, dict]:

@@ -23,6 +23,7 @@ QUESTION = " What is the pass key? The pass key is"
 MULTIKEY_INTRO = "Some magic numbers are hidden in the text below. Memorize them. I will ask for one of them."
 MULTIKEY_NEEDLE = " The magic number of the {name} is {value}."
 MULTIKEY_QUESTION = " What is the magic number of the {name}? The magic number of the {name} is"
+TASKS = ("passkey", "multikey")  # as eval_long.json names them
 NAMES = ("fox", "river", "robot", "garden", "ship", "horse", "teacher", "bird", "farmer", "tree", "mouse", "city",
          "child", "house", "dog", "cat")
 
@@ -104,3 +105,8 @@ def multikey_tokens(words: Words, haystack, length: int, pairs: list[tuple[str, 
         tokens += filler[done:cut] + needles[i]
         done = cut
     return tokens + filler[done:] + question + answer, len(answer)
+
+
+def fmt_tokens(n: int) -> str:
+    """A token count as the reports print it: 2048 -> 2K, 1000 -> 1000."""
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
