@@ -129,7 +129,7 @@ def test_cp_layouts_match_one_process(world_size, make_tiny_hf, references, tmp_
              for i, (model, layout, _) in enumerate(LAYOUTS[world_size].values())]
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     for case, (_, _, split) in zip(cases, LAYOUTS[world_size].values()):
-        dims = validate(parse_config(case))[2]  # the automatic split, or the one asked for
+        dims = validate(parse_config(case)).parallel_dims  # the automatic split, or the one asked for
         assert (dims.cp_ulysses, dims.cp_shard) == split
     for name, result in zip(names, run_on_ranks(world_size, train_layouts, cases)):
         model = LAYOUTS[world_size][name][0]

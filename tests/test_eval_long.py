@@ -46,7 +46,7 @@ def test_bucket_edges():
 
 
 def debug_words() -> retrieval.Words:
-    return retrieval.Words(validate(eval_long.parse_args(ARGS + ["--out-dir", "/tmp"])[1])[3].tokenizer)
+    return retrieval.Words(validate(eval_long.parse_args(ARGS + ["--out-dir", "/tmp"])[1]).recipe.tokenizer)
 
 
 def find(tokens: list[int], piece: list[int]) -> list[int]:
