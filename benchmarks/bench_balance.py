@@ -43,7 +43,7 @@ from longctx.config import parse_config
 from longctx.data.balance import DocumentCost, synced_cost
 from longctx.data.loader import RowSchedule, StepLoader
 from longctx.data.packing import PackedStream, collate, next_token_labels
-from longctx.launch import init_distributed
+from longctx.launch import distributed
 from longctx.modeling import model_spec_and_args
 from longctx.parallelisms.settings import forward_context, loss_context
 
@@ -240,7 +240,6 @@ def main(argv) -> None:
     args = parse_args(argv)
     flavor_argv = ["--job.config_file", args.config, "--model.flavor", args.flavor]
     job_config = parse_config(flavor_argv)
-    device = init_distributed(job_config)
     spec, model_args = model_spec_and_args(job_config)
     if args.layers:
         model_args = dataclasses.replace(model_args, n_layers=args.layers)
@@ -250,7 +249,7 @@ def main(argv) -> None:
         print_plan([plan(args, packing, cost) for packing in args.packing], args, cost)
         return
     results = []
-    with tempfile.TemporaryDirectory() as folder:
+    with distributed(job_config) as device, tempfile.TemporaryDirectory() as folder:
         for cp in args.cp:
             flavor = cp_share_flavor(model_args, cp, folder, spec)
             system = build_system(args, flavor, device)
@@ -259,7 +258,7 @@ def main(argv) -> None:
                 results.append(measure(args, packing, cp, system, cost, share_cost, device))
             del system
             free()
-    print_table(results, args, device)
+        print_table(results, args, device)
 
 
 if __name__ == "__main__":

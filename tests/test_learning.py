@@ -11,6 +11,7 @@
 """
 
 import json
+import os
 import random
 import re
 
@@ -242,9 +243,19 @@ def test_transformers_check_and_summary():
     flipped = context_extension.compare(ours, fake_results(3.0, [False] * 2 + [True] * 98))
     assert (flipped["differing_trials"], flipped["trials"], flipped["reproduced"]) == (8, 400, False)
     report = {"stages": {"stage1": {"seconds": 1.0, "commands": {"stage1": "done"}}}, "keys": 4,
-              "training": {"stage1": {"step": 5, "loss": 1.0, "tokens_per_s": 10.0, "mfu": 0.0, "validation_loss": None}},
+              "training": {name: {"step": step, "loss": 1.0, "tokens_per_s": 10.0, "mfu": 0.0, "validation_loss": None}
+                           for name, step in (("stage1", 5), ("arm_b", 114), ("arm_c", 155))},
               "eval": {arm: context_extension.eval_summary_of(fake_results(3.0, [True, False])) for arm in "abc"},
               "transformers": flipped | {"rope_parameters": {"rope_type": "yarn"}}}
     table = context_extension.summary_table(report)
     assert all(name in table for name in context_extension.ARMS.values()) and "NOT reproduced" in table
     assert "stage 1 at 2K: passkey 0.50 (target >= 0.95)" in table
+    assert "UNEQUAL ARMS: (b) plain RoPE 114 steps, (c) YaRN x4 155 steps" in table
+
+
+def test_each_stage_gets_the_tokens_it_trains_on():
+    """The driver sizes each training file from its stage's config (steps x rows x each step's row
+    length under seq_len_schedule), so no stage re-reads its data."""
+    config = lambda name: os.path.join(context_extension.ROOT, context_extension.CONFIGS[name])  # noqa: E731
+    assert context_extension.tokens_trained(config("stage1")) == 2400 * 16 * 2048
+    assert context_extension.tokens_trained(config("c")) == 8 * (99 * 4096 + 101 * 8192)  # step 100 starts 8K
