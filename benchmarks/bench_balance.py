@@ -205,11 +205,9 @@ def plan(args, packing: str, cost: DocumentCost) -> dict:
     _, steps = global_batches(args, packing, 2, cost)
     planned = per_order(steps, lambda p: cost.row(p.lengths, args.seq))
     step = step_costs(planned, args)
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return {"packing": packing, "straggler position": mean([straggler(c, args) for c in planned["position"]]),
-            "straggler balanced": mean([straggler(c, args) for c in planned["balanced"]]),
-            "worst position": max(straggler(c, args) for c in planned["position"]),
-            "worst balanced": max(straggler(c, args) for c in planned["balanced"]),
+    ratios = {order: [straggler(c, args) for c in planned[order]] for order in ORDERS}
+    return {"packing": packing, **{f"straggler {order}": sum(r) / len(r) for order, r in ratios.items()},
+            **{f"worst {order}": max(r) for order, r in ratios.items()},
             "planned gain": step["position"] / step["balanced"]}
 
 

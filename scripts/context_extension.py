@@ -33,11 +33,11 @@ import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import tomllib
 
 from longctx.base import ConfigError
+from longctx.config import parse_config
 from longctx.data.loader import RowSchedule
 from longctx.data.retrieval import TASKS, fmt_tokens
 from longctx.launch import free_port, run_command
@@ -93,8 +93,7 @@ CPU = {
     "marks": [256, 1024],
 }
 SMOKE = {
-    "data_2k": ["--lengths", "256", "512", "--val-tokens", "8192", "--heldout-docs", "0",
-                "--workers", "2"],
+    "data_2k": ["--lengths", "256", "512", "--val-tokens", "8192", "--heldout-docs", "0", "--workers", "2"],
     "data_8k": ["--lengths", "256", "1024", "--val-tokens", "4096", "--heldout-docs", "3",
                 "--heldout-length", "2048", "--workers", "2"],
     "stage1": {"model": {"flavor": "debugmodel"}, "compile": {"enable": False}, "lr_scheduler": {"warmup_steps": 2},
@@ -143,12 +142,10 @@ def write_config(name: str, base: str, overrides: dict, out_dir: str) -> str:
 
 def tokens_trained(config: str) -> int:
     """Tokens a one-process run of this config reads: local_batch_size rows a step, each step's row
-    length from its RowSchedule (the loader's own)."""
-    with open(config, "rb") as f:
-        training = tomllib.load(f)["training"]
-    schedule = RowSchedule.from_training(SimpleNamespace(seq_len=training["seq_len"],
-                                                         seq_len_schedule=training.get("seq_len_schedule")), 1)
-    return sum(training["local_batch_size"] * schedule.at(step).tokens for step in range(1, training["steps"] + 1))
+    length from its RowSchedule (the loader's own), the config read as train.py reads it."""
+    training = parse_config(["--job.config_file", config]).training
+    schedule = RowSchedule.from_training(training, 1)
+    return sum(training.local_batch_size * schedule.at(step).tokens for step in range(1, training.steps + 1))
 
 
 def merged(*overrides: dict) -> dict:
