@@ -13,9 +13,10 @@ Stages, each printed with its wall time, then a summary table (also OUT/summary.
           the one GPU, each from stage 1's DCP checkpoint (checkpoint.initial_load_path); arm (a) is
           stage 1's checkpoint as it is
   eval    scripts/eval_long.py on each arm: passkey and multi-key accuracy by length x depth, loss by
-          position on the held-out text; meanwhile scripts/convert_dcp_to_hf.py exports arm (c)
-  transformers  eval_long.py --backend transformers on the export and ours on arm (c), both in fp32,
-          compared number for number (each trial, each position bucket)
+          position on the held-out text; meanwhile arm (c) again in fp32, and
+          scripts/convert_dcp_to_hf.py exports arm (c)
+  transformers  eval_long.py --backend transformers on the export in fp32, compared with ours in
+          fp32 number for number (each trial, each position bucket)
   plots   scripts/plot_context_extension.py into OUT/plots
 --size cpu is the same experiment 8x shorter (256 -> 1K, evaluated to 2K) with a 0.5M-parameter
 model, about 13 minutes on 2 CPU cores. The configs that ran (the TOMLs with this
@@ -320,21 +321,21 @@ def experiment(args, plan: dict, report: dict) -> None:
     for arm in ("b", "c"):
         report["training"][f"arm_{arm}"] = training_record(dumps[arm])
 
-    # The arms' numbers in the configs' precision (bf16 on a GPU: the fast attention kernels), side
-    # by side; arm (c) again in fp32 beside transformers (fp32), to be held to rounding-level
-    # agreement. fp32 attention with GQA runs SDPA's math kernel ([heads, T, T] scores, 8 GiB at
-    # 16K), so only those two run at once.
+    # The arms' numbers in the configs' precision (bf16 on a GPU: the fast attention kernels) and arm
+    # (c) again in fp32, side by side while arm (c) is exported; then transformers (fp32) on the
+    # export, to be held to rounding-level agreement with ours in fp32. fp32 attention with GQA runs
+    # SDPA's math kernel ([heads, T, T] scores, 8 GiB at 16K), so no two fp32 evaluations run at once.
     evaluation = ["scripts/eval_long.py", "--corpus", f"{data['8k']}/heldout.jsonl", "--seed", str(args.seed),
                   "--keys", str(plan["keys"]), *plan["eval"]]
     fp32 = ["--training.mixed_precision_param", "float32"]
     commands = {f"eval_{arm}": [*evaluation, "--out-dir", out("eval", arm), "--job.config_file", configs[arm],
                                 "--checkpoint.enable"] for arm in ARMS}
+    commands["eval_c_fp32"] = [*evaluation, "--out-dir", out("eval", "c_fp32"), "--job.config_file", configs["c"],
+                               "--checkpoint.enable", *fp32]
     commands["export_c"] = ["scripts/convert_dcp_to_hf.py", f"{dumps['c']}/checkpoint", out("hf_c"),
                             "--job.config_file", configs["c"], "--dtype", "fp32"]
     run_stage("eval", commands, args.out_dir, plan["caps"]["other"], report)
     run_stage("transformers", {
-        "eval_c_fp32": [*evaluation, "--out-dir", out("eval", "c_fp32"), "--job.config_file", configs["c"],
-                        "--checkpoint.enable", *fp32],
         "eval_c_transformers": [*evaluation, "--out-dir", out("eval", "c_transformers"), "--model-dir", out("hf_c"),
                                 "--backend", "transformers", *fp32]}, args.out_dir, plan["caps"]["other"], report)
     report["eval"] = {}
