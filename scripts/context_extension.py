@@ -12,11 +12,11 @@ Stages, each printed with its wall time, then a summary table (also OUT/summary.
   stage2  arms (b) train_configs/retrieval_8k_rope.toml and (c) retrieval_8k_yarn.toml side by side on
           the one GPU, each from stage 1's DCP checkpoint (checkpoint.initial_load_path); arm (a) is
           stage 1's checkpoint as it is
-  eval    scripts/eval_long.py on each arm: passkey and multi-key accuracy by length x depth, loss by
-          position on the held-out text; meanwhile arm (c) again in fp32, and
-          scripts/convert_dcp_to_hf.py exports arm (c)
-  transformers  eval_long.py --backend transformers on the export in fp32, compared with ours in
-          fp32 number for number (each trial, each position bucket)
+  export  scripts/convert_dcp_to_hf.py exports arm (c) to an HF folder
+  eval    scripts/eval_long.py on each arm, side by side: passkey and multi-key accuracy by length x
+          depth, loss by position on the held-out text; and arm (c) again in fp32, by ours and by
+          eval_long.py --backend transformers on the export, compared number for number (each
+          trial, each position bucket)
   plots   scripts/plot_context_extension.py into OUT/plots
 --size cpu is the same experiment 8x shorter (256 -> 1K, evaluated to 2K) with a 0.5M-parameter
 model, about 13 minutes on 2 CPU cores. The configs that ran (the TOMLs with this
@@ -66,7 +66,7 @@ GPU = {
     "keys": 4,
     # Measured on one H100 (2026-12-07): stage 1 137 s; the arms side by side recompile at the
     # switch to 8K and stopped at 100 s after 114 and 155 of their 200 steps, hence 240.
-    "caps": {"stage1": 160, "stage2": 240, "other": 150},
+    "caps": {"stage1": 160, "stage2": 240, "other": 240},
     "marks": [2048, 8192],
 }
 _CPU_MODEL = {"model": {"flavor": "0.5M"}, "compile": {"enable": False}, "optimizer": {"implementation": "foreach"}}
@@ -321,10 +321,13 @@ def experiment(args, plan: dict, report: dict) -> None:
     for arm in ("b", "c"):
         report["training"][f"arm_{arm}"] = training_record(dumps[arm])
 
-    # The arms' numbers in the configs' precision (bf16 on a GPU: the fast attention kernels) and arm
-    # (c) again in fp32, side by side while arm (c) is exported; then transformers (fp32) on the
-    # export, to be held to rounding-level agreement with ours in fp32. fp32 attention with GQA runs
-    # SDPA's math kernel ([heads, T, T] scores, 8 GiB at 16K), so no two fp32 evaluations run at once.
+    # Arm (c) exported first; then, side by side, the arms' numbers in the configs' precision (bf16
+    # on a GPU: the fast attention kernels), and arm (c) in fp32 by ours and by transformers on the
+    # export, to be held to rounding-level agreement. fp32 attention with GQA runs SDPA's math kernel
+    # ([heads, T, T] scores, 8 GiB at 16K): those two are the only fp32 evaluations.
+    run_stage("export", {"export_c": ["scripts/convert_dcp_to_hf.py", f"{dumps['c']}/checkpoint", out("hf_c"),
+                                      "--job.config_file", configs["c"], "--dtype", "fp32"]},
+              args.out_dir, plan["caps"]["other"], report)
     evaluation = ["scripts/eval_long.py", "--corpus", f"{data['8k']}/heldout.jsonl", "--seed", str(args.seed),
                   "--keys", str(plan["keys"]), *plan["eval"]]
     fp32 = ["--training.mixed_precision_param", "float32"]
@@ -332,12 +335,9 @@ def experiment(args, plan: dict, report: dict) -> None:
                                 "--checkpoint.enable"] for arm in ARMS}
     commands["eval_c_fp32"] = [*evaluation, "--out-dir", out("eval", "c_fp32"), "--job.config_file", configs["c"],
                                "--checkpoint.enable", *fp32]
-    commands["export_c"] = ["scripts/convert_dcp_to_hf.py", f"{dumps['c']}/checkpoint", out("hf_c"),
-                            "--job.config_file", configs["c"], "--dtype", "fp32"]
+    commands["eval_c_transformers"] = [*evaluation, "--out-dir", out("eval", "c_transformers"), "--model-dir", out("hf_c"),
+                                       "--backend", "transformers", *fp32]
     run_stage("eval", commands, args.out_dir, plan["caps"]["other"], report)
-    run_stage("transformers", {
-        "eval_c_transformers": [*evaluation, "--out-dir", out("eval", "c_transformers"), "--model-dir", out("hf_c"),
-                                "--backend", "transformers", *fp32]}, args.out_dir, plan["caps"]["other"], report)
     report["eval"] = {}
     for arm in ARMS:
         with open(out("eval", arm, "eval_long.json")) as f:
