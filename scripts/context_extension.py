@@ -24,6 +24,8 @@ run's paths and sizes) are in
 OUT/configs, every command's output in OUT/logs. A training stage still running at its cap gets
 SIGTERM: it saves its checkpoint after the step in flight and the experiment goes on (the summary
 says so). Exit code 0 when every stage ran and transformers reproduced arm (c)'s numbers.
+`--stop-after stage1` makes the data, trains stage 1 and evaluates it alone (arm (a)), to check
+that stage 1 retrieves before the arms are spent on it (exit code 0 when those stages ran).
 """
 
 import argparse
@@ -316,6 +318,16 @@ def experiment(args, plan: dict, report: dict) -> None:
 
     run_stage("stage1", {"stage1": ["train.py", "--job.config_file", stage1]}, args.out_dir, plan["caps"]["stage1"], report)
     report["training"]["stage1"] = training_record(dumps["stage1"])
+    evaluation = ["scripts/eval_long.py", "--corpus", f"{data['8k']}/heldout.jsonl", "--seed", str(args.seed),
+                  "--keys", str(plan["keys"]), *plan["eval"]]
+    evaluate = lambda name, arm, *flags: [*evaluation, "--out-dir", out("eval", name), "--job.config_file", configs[arm],  # noqa: E731
+                                          "--checkpoint.enable", *flags]
+    report["keys"] = plan["keys"]
+    if args.stop_after == "stage1":  # stage 1 checked by itself before the arms are spent on it
+        run_stage("eval", {"eval_a": evaluate("a", "a")}, args.out_dir, plan["caps"]["other"], report)
+        with open(out("eval", "a", "eval_long.json")) as f:
+            report["eval"] = {"a": eval_summary_of(json.load(f))}
+        return
     run_stage("stage2", {f"arm_{arm}": ["train.py", "--job.config_file", configs[arm]] for arm in ("b", "c")},
               args.out_dir, plan["caps"]["stage2"], report)
     for arm in ("b", "c"):
@@ -328,13 +340,9 @@ def experiment(args, plan: dict, report: dict) -> None:
     run_stage("export", {"export_c": ["scripts/convert_dcp_to_hf.py", f"{dumps['c']}/checkpoint", out("hf_c"),
                                       "--job.config_file", configs["c"], "--dtype", "fp32"]},
               args.out_dir, plan["caps"]["other"], report)
-    evaluation = ["scripts/eval_long.py", "--corpus", f"{data['8k']}/heldout.jsonl", "--seed", str(args.seed),
-                  "--keys", str(plan["keys"]), *plan["eval"]]
     fp32 = ["--training.mixed_precision_param", "float32"]
-    commands = {f"eval_{arm}": [*evaluation, "--out-dir", out("eval", arm), "--job.config_file", configs[arm],
-                                "--checkpoint.enable"] for arm in ARMS}
-    commands["eval_c_fp32"] = [*evaluation, "--out-dir", out("eval", "c_fp32"), "--job.config_file", configs["c"],
-                               "--checkpoint.enable", *fp32]
+    commands = {f"eval_{arm}": evaluate(arm, arm) for arm in ARMS}
+    commands["eval_c_fp32"] = evaluate("c_fp32", "c", *fp32)
     commands["eval_c_transformers"] = [*evaluation, "--out-dir", out("eval", "c_transformers"), "--model-dir", out("hf_c"),
                                        "--backend", "transformers", *fp32]
     run_stage("eval", commands, args.out_dir, plan["caps"]["other"], report)
@@ -342,7 +350,6 @@ def experiment(args, plan: dict, report: dict) -> None:
     for arm in ARMS:
         with open(out("eval", arm, "eval_long.json")) as f:
             report["eval"][arm] = eval_summary_of(json.load(f))
-    report["keys"] = plan["keys"]
     with open(out("eval", "c_fp32", "eval_long.json")) as f, open(out("eval", "c_transformers", "eval_long.json")) as g:
         report["transformers"] = compare(json.load(f), json.load(g))
     with open(out("hf_c", "config.json")) as f:
@@ -361,6 +368,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", choices=SIZES, default="gpu",
                         help="gpu: one GPU, ~8 minutes; cpu: an 8x shorter context on CPU, ~13 minutes; smoke: the path in a minute")
     parser.add_argument("--seed", type=int, default=0, help="the data's seed and the evaluation's keys")
+    parser.add_argument("--stop-after", choices=["stage1", "plots"], default="plots",
+                        help="stage1: make the data, train stage 1 and evaluate it (arm (a)) only, to check stage 1 "
+                             "reaches its target before the arms are spent on it")
     args = parser.parse_args(argv)
     if os.path.isfile(args.out_dir) or (os.path.isdir(args.out_dir) and os.listdir(args.out_dir)):
         raise ConfigError(f"--out-dir {args.out_dir!r} exists and is not an empty folder; remove it or choose another")
@@ -375,6 +385,9 @@ def main(argv: list[str]) -> int:
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
             json.dump(report, f, indent=1)
     print(summary_table(report))
+    if args.stop_after == "stage1":
+        print(f"total {report['seconds']:.1f} s; {args.out_dir}/summary.json (stopped after stage 1)")
+        return 0
     print(f"total {report['seconds']:.1f} s; {args.out_dir}/summary.json, pictures in {args.out_dir}/plots")
     return 0 if report["transformers"]["reproduced"] else 1
 
