@@ -312,8 +312,9 @@ def experiment(args, plan: dict, report: dict) -> None:
                                         "--keys", str(plan["keys"]), "--train-tokens", str(train_tokens[size]),
                                         *plan[f"data_{size}"]] for size in data},
               args.out_dir, plan["caps"]["other"], report)
+    trained = ("2k",) if args.stop_after == "stage1" else ("2k", "8k")  # the 8K data's held-out text is still evaluated on
     run_stage("tokenize", {f"tokenize_{size}": ["scripts/tokenize_corpus.py", "--input", f"{data[size]}/train.jsonl",
-                                                "--output", f"{data[size]}/tokens"] for size in data},
+                                                "--output", f"{data[size]}/tokens"] for size in trained},
               args.out_dir, plan["caps"]["other"], report)
 
     run_stage("stage1", {"stage1": ["train.py", "--job.config_file", stage1]}, args.out_dir, plan["caps"]["stage1"], report)
@@ -323,10 +324,16 @@ def experiment(args, plan: dict, report: dict) -> None:
     evaluate = lambda name, arm, *flags: [*evaluation, "--out-dir", out("eval", name), "--job.config_file", configs[arm],  # noqa: E731
                                           "--checkpoint.enable", *flags]
     report["keys"] = plan["keys"]
+
+    def read_evals(arms) -> None:
+        report["eval"] = {}
+        for arm in arms:
+            with open(out("eval", arm, "eval_long.json")) as f:
+                report["eval"][arm] = eval_summary_of(json.load(f))
+
     if args.stop_after == "stage1":  # stage 1 checked by itself before the arms are spent on it
         run_stage("eval", {"eval_a": evaluate("a", "a")}, args.out_dir, plan["caps"]["other"], report)
-        with open(out("eval", "a", "eval_long.json")) as f:
-            report["eval"] = {"a": eval_summary_of(json.load(f))}
+        read_evals(("a",))
         return
     run_stage("stage2", {f"arm_{arm}": ["train.py", "--job.config_file", configs[arm]] for arm in ("b", "c")},
               args.out_dir, plan["caps"]["stage2"], report)
@@ -346,10 +353,7 @@ def experiment(args, plan: dict, report: dict) -> None:
     commands["eval_c_transformers"] = [*evaluation, "--out-dir", out("eval", "c_transformers"), "--model-dir", out("hf_c"),
                                        "--backend", "transformers", *fp32]
     run_stage("eval", commands, args.out_dir, plan["caps"]["other"], report)
-    report["eval"] = {}
-    for arm in ARMS:
-        with open(out("eval", arm, "eval_long.json")) as f:
-            report["eval"][arm] = eval_summary_of(json.load(f))
+    read_evals(ARMS)
     with open(out("eval", "c_fp32", "eval_long.json")) as f, open(out("eval", "c_transformers", "eval_long.json")) as g:
         report["transformers"] = compare(json.load(f), json.load(g))
     with open(out("hf_c", "config.json")) as f:
