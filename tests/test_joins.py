@@ -33,6 +33,7 @@ from longctx.checkpoint.dcp import latest_step
 from longctx.config import parse_config
 from longctx.config import rules as config_rules
 from longctx.data.tokenize_corpus import tokenize_corpus as tokenize
+from longctx.data.tokenizer import HFTokenizer
 from longctx.launch import run, validate
 from longctx.recipes import build_recipe
 from longctx.train import main as train_main
@@ -200,7 +201,7 @@ DAMAGE = {  # name -> (damage(folder), how the line goes on after the folder, wh
     "shard cut short": (lambda d: cut(f"{d}/shard-00001.bin", 100), "/shard-00001.bin has 100 bytes", "tokenize the corpus again"),
     "shard missing": (lambda d: os.remove(f"{d}/shard-00002.bin"), "/shard-00002.bin is missing", "tokenize the corpus again"),
     "bytes of 0xFF": (lambda d: overwrite(f"{d}/shard-00001.bin", 20, b"\xff\xff"), "/shard-00001.bin holds token id 65535",
-                      "but the tokenizer has 506 tokens"),
+                      f"but the tokenizer has {HFTokenizer(ASSETS).vocab_size} tokens"),
     "index cut": (lambda d: cut(f"{d}/shard-00000.idx.npy", 90), "/shard-00000.idx.npy is unreadable", ""),
     "index out of order": (lambda d: np.save(f"{d}/shard-00000.idx.npy", np.load(f"{d}/shard-00000.idx.npy")[::-1].copy()),
                            "/shard-00000.idx.npy does not index its shard", ""),
