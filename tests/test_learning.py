@@ -257,5 +257,5 @@ def test_each_stage_gets_the_tokens_it_trains_on():
     """The driver sizes each training file from its stage's config (steps x rows x each step's row
     length under seq_len_schedule), so no stage re-reads its data."""
     config = lambda name: os.path.join(context_extension.ROOT, context_extension.CONFIGS[name])  # noqa: E731
-    assert context_extension.tokens_trained(config("stage1")) == 2400 * 16 * 2048
+    assert context_extension.tokens_trained(config("stage1")) == 4000 * 16 * 2048
     assert context_extension.tokens_trained(config("c")) == 8 * (99 * 4096 + 101 * 8192)  # step 100 starts 8K
