@@ -8,13 +8,14 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+source scripts/preemption.sh  # SIGTERM/SIGINT go to the workers, which save and exit 0
+reexec_with_stop_signals scripts/multinode_train.sh "$@"
 : "${NNODES:?set NNODES, the number of nodes}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port, reachable from every node}"
 NGPU=${NGPU:-8}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-train}}  # the same on every node of one job, different between jobs
 CONFIG_FILE=${CONFIG_FILE:-train_configs/debug.toml}
 
-source scripts/preemption.sh  # SIGTERM/SIGINT go to the workers, which save and exit 0
 torchrun_preemptible \
     --nnodes "$NNODES" --nproc_per_node "$NGPU" \
     --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID" \

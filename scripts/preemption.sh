@@ -10,6 +10,21 @@
 # ignored, and the launcher passes each one it receives to the workers: torchrun's children, which
 # run in sessions of their own that a process-group signal never reaches.
 
+# reexec_with_stop_signals SCRIPT ARGS...: re-executes `bash SCRIPT ARGS` with SIGTERM and SIGINT at
+# their defaults if this shell started with either ignored; returns otherwise. A signal ignored on
+# entry cannot be trapped, and a non-interactive shell starts its background jobs with SIGINT
+# ignored (`scripts/run_train.sh &` in a script): such a launcher would never see the SIGINT it
+# promises to act on. Called before the launcher does anything else.
+reexec_with_stop_signals() {
+    local ignored
+    ignored=$(awk '/^SigIgn:/ {print $2}' /proc/$$/status 2>/dev/null) || return 0
+    (( 16#${ignored:-0} & ((1 << ($(kill -l INT) - 1)) | (1 << ($(kill -l TERM) - 1))) )) || return 0
+    exec python3 -c 'import os, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, signal.SIG_DFL)
+os.execvp("bash", ["bash", *sys.argv[1:]])' "$@"
+}
+
 # torchrun_preemptible ARGS...: `torchrun ARGS` with SIGTERM/SIGINT passed to its workers, not to it;
 # returns torchrun's exit code.
 torchrun_preemptible() {

@@ -9,6 +9,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+source scripts/preemption.sh
+reexec_with_stop_signals scripts/run_train.sh "$@"
 if [[ -z "${NGPU:-}" ]]; then
     NGPU=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
     (( NGPU > 0 )) || NGPU=1
@@ -18,6 +20,5 @@ CONFIG_FILE=${CONFIG_FILE:-train_configs/debug.toml}
 # --standalone: a local rendezvous on a free port, so several jobs can share a machine.
 # torchrun sets OMP_NUM_THREADS=1 per process unless it is already set. SIGTERM/SIGINT go to the
 # workers, which save and exit 0 (scripts/preemption.sh).
-source scripts/preemption.sh
 torchrun_preemptible --standalone --nproc_per_node "$NGPU" \
     train.py --job.config_file "$CONFIG_FILE" "$@"

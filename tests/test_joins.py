@@ -66,16 +66,20 @@ def launcher_args(dump, *extra, steps: int) -> list[str]:
     return args(dump, "--checkpoint.enable", "--checkpoint.interval", "1000", *CONSTANT_LR, *extra, steps=steps, dp=2)[2:]
 
 
-def run_train_sh(argv: list[str], ngpu: int = 2) -> subprocess.Popen:
-    """scripts/run_train.sh in a session of its own: its process group is the launcher's, as under Slurm."""
+def run_train_sh(argv: list[str], ngpu: int = 2, sigint_ignored: bool = False) -> subprocess.Popen:
+    """scripts/run_train.sh in a session of its own: its process group is the launcher's, as under
+    Slurm. sigint_ignored: started with SIGINT ignored, as a script's background job is."""
     env = dict(environment("gloo"), NGPU=str(ngpu), CONFIG_FILE=DEBUG, OMP_NUM_THREADS="1")
-    return subprocess.Popen(["bash", "scripts/run_train.sh", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = ["bash", "scripts/run_train.sh", *argv]
+    if sigint_ignored:
+        command = ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *command]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
-def preempt(dump, send) -> tuple[subprocess.Popen, str, str]:
+def preempt(dump, send, sigint_ignored: bool = False) -> tuple[subprocess.Popen, str, str]:
     """A 1000-step run on 2 ranks, sent a signal by send(process) once it has logged step 2."""
-    proc = run_train_sh(launcher_args(dump, steps=1000))
+    proc = run_train_sh(launcher_args(dump, steps=1000), sigint_ignored=sigint_ignored)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         if os.path.exists(dump / "metrics.jsonl") and len(metrics(dump)) >= 2:
@@ -101,8 +105,11 @@ def assert_preempted(proc, stdout: str, stderr: str, dump, signal_name: str) -> 
 def test_launcher_preempted_exits_0_and_resumes_bit_identically(tmp_path):
     term = tmp_path / "sigterm"
     stopped = assert_preempted(*preempt(term, lambda p: p.send_signal(signal.SIGTERM)), term, "SIGTERM")
-    group = tmp_path / "sigint"  # Ctrl-C, or Slurm signalling every process: torchrun gets it too
-    assert_preempted(*preempt(group, lambda p: os.killpg(p.pid, signal.SIGINT)), group, "SIGINT")
+    # Ctrl-C, or Slurm signalling every process: torchrun gets it too. The launcher starts with
+    # SIGINT ignored, as a background job of a script does (and pytest's own may be): it must
+    # restore it to trap it.
+    group = tmp_path / "sigint"
+    assert_preempted(*preempt(group, lambda p: os.killpg(p.pid, signal.SIGINT), sigint_ignored=True), group, "SIGINT")
 
     last, reference = stopped + 2, tmp_path / "reference"
     for dump in (term, reference):
