@@ -1,16 +1,20 @@
 """Writes the embedded default run's data and tokenizer into assets/debug/ (deterministic).
 
     python scripts/make_debug_assets.py
+    python scripts/make_debug_assets.py --out-dir OUT --corpus-docs 200000 --corpus-only   # more of the same text
+
+The corpus's first 2,000 documents are the shipped ones whatever --corpus-docs is, so a larger
+corpus is more text of the same grammar and vocabulary, tokenized by the shipped tokenizer as well.
 
 A synthetic corpus with learnable structure (templated sentences, small arithmetic) and a byte-level
 BPE tokenizer trained on it, with Qwen's special tokens, Qwen3's thinking and tool-call tags and a
 Qwen3-style chat template (written here); chat records for the SFT recipe (sft.jsonl) and scored
 rollouts for the policy recipe (rollouts.jsonl). Nothing is downloaded."""
 
+import argparse
 import json
 import os
 import random
-import sys
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -161,19 +165,27 @@ def write_jsonl(path: str, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def main(out_dir: str = "assets/debug", n_docs: int = 2000, vocab_size: int = 2048) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    texts = make_corpus(n_docs)
-    with open(os.path.join(out_dir, "corpus.jsonl"), "w") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
-    train_tokenizer(texts, vocab_size).save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="assets/debug")
+    parser.add_argument("--corpus-docs", type=int, default=2000, help="documents of corpus.jsonl")
+    parser.add_argument("--corpus-only", action="store_true", help="write corpus.jsonl alone (no tokenizer, chat or rollouts)")
+    args = parser.parse_args(argv)
+    if args.corpus_docs < (1 if args.corpus_only else 2000):
+        parser.error(f"--corpus-docs {args.corpus_docs} must be >= 1 with --corpus-only, else >= 2000 (the tokenizer's)")
+    os.makedirs(args.out_dir, exist_ok=True)
+    # The tokenizer learns from the first 2,000 documents alone: the same tokenizer for any --corpus-docs.
+    texts = make_corpus(args.corpus_docs)
+    write_jsonl(os.path.join(args.out_dir, "corpus.jsonl"), [{"text": text} for text in texts])
+    if args.corpus_only:
+        return
+    train_tokenizer(texts[:2000], vocab_size=2048).save(os.path.join(args.out_dir, "tokenizer.json"))
+    with open(os.path.join(args.out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 4096,
                    "chat_template": CHAT_TEMPLATE}, f, indent=2)
-    write_jsonl(os.path.join(out_dir, "sft.jsonl"), make_sft_records(500))
-    write_jsonl(os.path.join(out_dir, "rollouts.jsonl"), make_rollouts(128))
+    write_jsonl(os.path.join(args.out_dir, "sft.jsonl"), make_sft_records(500))
+    write_jsonl(os.path.join(args.out_dir, "rollouts.jsonl"), make_rollouts(128))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main()

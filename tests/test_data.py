@@ -18,6 +18,7 @@ from longctx.data.token_shards import METADATA, TokenCorpus
 from longctx.data.tokenize_corpus import tokenize_corpus
 from longctx.data.tokenizer import document_tokens
 from longctx.recipes import build_recipe
+from scripts import make_debug_assets
 from tests.conftest import ROOT
 
 ASSETS = os.path.join(ROOT, "assets", "debug")
@@ -187,3 +188,17 @@ def test_refusals(corpus, token_dir, tmp_path):
         tokenize_corpus(corpus, token_dir, ASSETS, "auto", "text", workers=1, shard_tokens=1000)
     for error in (refused, sft, exists):
         assert "\n" not in str(error.value)
+
+
+def test_debug_assets_regenerate_identically_and_a_larger_corpus_extends_the_shipped_one(tmp_path):
+    """make_debug_assets.py rewrites every shipped file byte for byte; --corpus-docs N writes N
+    documents whose first 2,000 are the shipped corpus (so the shipped tokenizer fits them)."""
+    make_debug_assets.main(["--out-dir", str(tmp_path / "assets")])
+    for name in os.listdir(ASSETS):
+        with open(os.path.join(ASSETS, name), "rb") as shipped, open(tmp_path / "assets" / name, "rb") as made:
+            assert shipped.read() == made.read(), name
+    make_debug_assets.main(["--out-dir", str(tmp_path / "more"), "--corpus-docs", "2500", "--corpus-only"])
+    assert os.listdir(tmp_path / "more") == ["corpus.jsonl"]
+    with open(os.path.join(ASSETS, "corpus.jsonl")) as shipped, open(tmp_path / "more" / "corpus.jsonl") as more:
+        lines = more.readlines()
+        assert len(lines) == 2500 and lines[:2000] == shipped.readlines()
