@@ -69,7 +69,7 @@ GPU = {
                 "--heldout-length", "16384"],
     # Natural text from a corpus 100x the shipped one (the same grammar): from the shipped 2,000
     # documents (195K training tokens) stage 1 read its natural text ~300 times over and the held-out
-    # loss stood at 3.6-3.8 nats at 0-1K (one H100, 2026-12-07), a model that memorized its corpus.
+    # loss stood at 3.6-3.8 nats at 0-1K (one H100, 2026-12-07): most likely memorized.
     "corpus_docs": 200000,
     "stage1": {}, "stage2": {}, "arm_c": {},
     "eval": ["--length", "16384", "--rows", "4", "--retrieval-lengths", "2048", "4096", "8192", "16384", "--trials", "8"],
