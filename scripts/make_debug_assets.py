@@ -18,6 +18,9 @@ import random
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from longctx.base import ConfigError
+from longctx.launch import run_command
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Added after training, as plain (non-special) tokens as in Qwen3's tokenizer: the BPE merges, and so
 # every corpus token id, stay what they were without them.
@@ -165,14 +168,14 @@ def write_jsonl(path: str, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="assets/debug")
     parser.add_argument("--corpus-docs", type=int, default=2000, help="documents of corpus.jsonl")
     parser.add_argument("--corpus-only", action="store_true", help="write corpus.jsonl alone (no tokenizer, chat or rollouts)")
     args = parser.parse_args(argv)
     if args.corpus_docs < (1 if args.corpus_only else 2000):
-        parser.error(f"--corpus-docs {args.corpus_docs} must be >= 1 with --corpus-only, else >= 2000 (the tokenizer's)")
+        raise ConfigError(f"--corpus-docs {args.corpus_docs} must be >= 1 with --corpus-only, else >= 2000 (the tokenizer's)")
     os.makedirs(args.out_dir, exist_ok=True)
     # The tokenizer learns from the first 2,000 documents alone: the same tokenizer for any --corpus-docs.
     texts = make_corpus(args.corpus_docs)
@@ -188,4 +191,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

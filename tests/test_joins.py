@@ -37,7 +37,7 @@ from longctx.data.tokenizer import HFTokenizer
 from longctx.launch import run, validate
 from longctx.recipes import build_recipe
 from longctx.train import main as train_main
-from scripts import compute_logprobs, convert_dcp_to_hf, convert_hf_to_dcp, plan, show_sft, tokenize_corpus
+from scripts import compute_logprobs, convert_dcp_to_hf, convert_hf_to_dcp, make_debug_assets, plan, show_sft, tokenize_corpus
 from tests.conftest import ROOT
 from tests.test_chat_template import assets_with
 from tests.test_faults import CONSTANT_LR, args, metrics
@@ -153,6 +153,7 @@ def script_refusals(tmp) -> list[tuple]:
         (compute_logprobs.main, ["--model-dir", folder, *corpus, "--output", folder], f"--output '{folder}' is a folder"),
         (convert_hf_to_dcp.main, [folder, missing], f"DCP_DIR '{missing}' is in '{tmp}/missing', which is not"),
         (convert_dcp_to_hf.main, [folder, missing, "--job.config_file", DEBUG], f"HF_DIR '{missing}' is in '{tmp}/missing'"),
+        (make_debug_assets.main, ["--out-dir", missing, "--corpus-docs", "0", "--corpus-only"], "--corpus-docs 0 must be >= 1"),
     ]
 
 
