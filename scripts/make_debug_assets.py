@@ -22,6 +22,8 @@ from longctx.base import ConfigError
 from longctx.launch import run_command
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The shipped corpus's documents, the tokenizer's training text for any --corpus-docs.
+SHIPPED_DOCS = 2000
 # Added after training, as plain (non-special) tokens as in Qwen3's tokenizer: the BPE merges, and so
 # every corpus token id, stay what they were without them.
 TAG_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -171,18 +173,17 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="assets/debug")
-    parser.add_argument("--corpus-docs", type=int, default=2000, help="documents of corpus.jsonl")
+    parser.add_argument("--corpus-docs", type=int, default=SHIPPED_DOCS, help="documents of corpus.jsonl")
     parser.add_argument("--corpus-only", action="store_true", help="write corpus.jsonl alone (no tokenizer, chat or rollouts)")
     args = parser.parse_args(argv)
-    if args.corpus_docs < (1 if args.corpus_only else 2000):
-        raise ConfigError(f"--corpus-docs {args.corpus_docs} must be >= 1 with --corpus-only, else >= 2000 (the tokenizer's)")
+    if args.corpus_docs < (1 if args.corpus_only else SHIPPED_DOCS):
+        raise ConfigError(f"--corpus-docs {args.corpus_docs} must be >= 1 with --corpus-only, else >= {SHIPPED_DOCS} (the tokenizer's)")
     os.makedirs(args.out_dir, exist_ok=True)
-    # The tokenizer learns from the first 2,000 documents alone: the same tokenizer for any --corpus-docs.
     texts = make_corpus(args.corpus_docs)
     write_jsonl(os.path.join(args.out_dir, "corpus.jsonl"), [{"text": text} for text in texts])
     if args.corpus_only:
         return
-    train_tokenizer(texts[:2000], vocab_size=2048).save(os.path.join(args.out_dir, "tokenizer.json"))
+    train_tokenizer(texts[:SHIPPED_DOCS], vocab_size=2048).save(os.path.join(args.out_dir, "tokenizer.json"))
     with open(os.path.join(args.out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 4096,
                    "chat_template": CHAT_TEMPLATE}, f, indent=2)
