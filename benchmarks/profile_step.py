@@ -1,10 +1,14 @@
-"""Where ours' step time goes on this GPU: a kernel-time table and a trace of 3 profiled steps.
+"""Where each system's step time goes on this GPU: kernel time per step by kind, side by side.
 
     python benchmarks/profile_step.py --flavor 0.6B --seq 8192 --output /tmp/prof.txt
+    python benchmarks/profile_step.py --flavor 1.7B --seq 8192 --systems ours,torchtitan --output /tmp/prof.txt
 
-Writes the profiler's table to --output and a Chrome/Perfetto trace next to it (*.trace.json),
-and prints GPU kernel time per step grouped by kind (attention, matmul, optimizer, FSDP copies,
-fused elementwise). Ours is built as in benchmarks/bench.py (benchmarks/bench_systems.py).
+For each system (built as in benchmarks/bench.py: benchmarks/bench_systems.py) it profiles 3
+steps after warm-up and writes the profiler's table to --output with the system's name added
+(prof.ours.txt, ...) and a Chrome/Perfetto trace next to it (*.trace.json). It prints GPU kernel
+time per step grouped by kind (attention, matmul, optimizer, copies, fused elementwise), the
+wall time per step (the profiler inflates it a little), and the kernels whose time differs most
+between the first two systems.
 """
 
 import argparse
@@ -12,22 +16,21 @@ import os
 import sys
 
 import torch
-from bench_systems import Ours, model_args_for, ours_config, time_steps
+from bench_systems import add_system_arguments, build_system, free, model_args_for, systems_from, time_steps
 
 from longctx.config import parse_config
 from longctx.launch import init_distributed
 
+STEPS = 3  # profiled steps per system
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--flavor", default="0.6B", help="Qwen3 size: 0.6B, 1.7B, ...")
+    add_system_arguments(p)
+    p.set_defaults(systems="ours")
     p.add_argument("--seq", type=int, default=8192, help="sequence length")
-    p.add_argument("--ac", default="none", choices=("none", "full", "selective"), help="activation checkpointing")
-    p.add_argument("--ac-option", default="2", help="selective: every N-th block, or op")
-    p.add_argument("--config", default="train_configs/qwen3_bench.toml", help="our job config")
-    p.add_argument("--override", action="append", default=[], help="extra --section.key=value for ours")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before profiling (compilation)")
-    p.add_argument("--output", default="profile.txt", help="the profiler table (a .txt path)")
+    p.add_argument("--output", default="profile.txt", help="the profiler tables (a .txt path; the system's name is added)")
     return p.parse_args(argv)
 
 
@@ -35,7 +38,7 @@ KERNEL_GROUPS = (  # (label, substrings of CUDA kernel names), first match wins
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")),
     ("optimizer", ("adam", "multi_tensor")),
-    ("fsdp / copies", ("nccl", "memcpy", "memset", "copy", "chunk_cat", "split_with_sizes")),
+    ("collectives / copies", ("nccl", "memcpy", "memset", "copy", "chunk_cat", "split_with_sizes")),
     ("fused elementwise (triton)", ("triton",)),
 )
 
@@ -44,40 +47,62 @@ KERNEL_GROUPS = (  # (label, substrings of CUDA kernel names), first match wins
 ANNOTATIONS = ("FSDP::", "Optimizer.", "ProfilerStep", "CompiledFunction", "autograd::", "## ", "cuda")
 
 
-def profile(system, seq, vocab, device, path):
+def profile(system, seq, vocab, device, path) -> tuple[dict, dict, float]:
+    """(ms per step by kernel, ms per step by kind, wall ms per step) over STEPS profiled steps."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        time_steps(system, seq, vocab, device, 1000, 3)
+        times, _ = time_steps(system, seq, vocab, device, 1000, STEPS)
     events = prof.key_averages()
     with open(path, "w") as f:
         f.write(events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90))
     prof.export_chrome_trace(os.path.splitext(path)[0] + ".trace.json")  # for chrome://tracing or Perfetto
-    groups = {}
+    kernels, groups = {}, {}
     for e in events:
         t = getattr(e, "self_device_time_total", 0) or 0
         if t <= 0 or e.device_type != torch.autograd.DeviceType.CUDA or e.key.startswith(ANNOTATIONS):
             continue
+        ms = t / 1e3 / STEPS
+        kernels[e.key] = kernels.get(e.key, 0) + ms
         name = e.key.lower()
         label = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
-        groups[label] = groups.get(label, 0) + t
-    total = sum(groups.values())
-    if not total:
-        return
-    print(f"\nGPU kernel time by kind over 3 steps (ours; full table in {path}):")
-    for label, t in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"  {label:<28}{t / 3e3:>9.1f} ms/step {100 * t / total:>6.1f}%")
+        groups[label] = groups.get(label, 0) + ms
+    return kernels, groups, 1e3 * sum(times) / STEPS
 
+
+def print_tables(names, results) -> None:
+    labels = sorted({g for _, groups, _ in results for g in groups}, key=lambda g: -results[0][1].get(g, 0))
+    print(f"\nGPU kernel time, ms per step (mean of {STEPS} profiled steps):")
+    print(f"{'kind':<30}" + "".join(f"{n:>14}" for n in names))
+    for label in labels:
+        print(f"{label:<30}" + "".join(f"{groups.get(label, 0):>14.1f}" for _, groups, _ in results))
+    print(f"{'all kernels':<30}" + "".join(f"{sum(groups.values()):>14.1f}" for _, groups, _ in results))
+    print(f"{'wall (profiled)':<30}" + "".join(f"{wall:>14.1f}" for _, _, wall in results))
+    if len(results) < 2:
+        return
+    (a, _, _), (b, _, _) = results[:2]
+    diffs = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, 0) - b.get(k, 0)))[:20]
+    print(f"\nKernels whose time differs most, ms per step ({names[0]} / {names[1]}):")
+    for k in diffs:
+        print(f"{a.get(k, 0):>9.2f} {b.get(k, 0):>9.2f}  {k[:110]}")
 
 
 def main(argv):
     args = parse_args(argv)
+    names = systems_from(args)
     device = init_distributed(parse_config(["--job.config_file", args.config]))
-    vocab = model_args_for(args).vocab_size
-    system = Ours(ours_config(args.config, args.flavor, args.seq, args.ac, args.ac_option, args.override), device)
-    time_steps(system, args.seq, vocab, device, 0, args.warmup)
-    profile(system, args.seq, vocab, device, args.output)
+    model_args = model_args_for(args)
+    results = []
+    for name in names:
+        system = build_system(name, args, args.seq, device, model_args)
+        time_steps(system, args.seq, model_args.vocab_size, device, 0, args.warmup)
+        stem, ext = os.path.splitext(args.output)
+        results.append(profile(system, args.seq, model_args.vocab_size, device, f"{stem}.{name}{ext or '.txt'}"))
+        del system
+        free()
+        torch._dynamo.reset()
+    print_tables(names, results)
     torch.distributed.destroy_process_group()
 
 
