@@ -133,7 +133,7 @@ def time_row(system: Ours, row: dict, device) -> float:
     start = time.perf_counter()
     with loss_context(system.settings):
         with forward_context(system.settings, device.type):
-            loss_sum, _ = system.recipe.loss_sum(system.model, microbatch)
+            loss_sum, _ = system.recipe.loss_sum(system.model, microbatch, system.settings.loss_chunk)
         loss_sum.backward()
     sync(device)
     return time.perf_counter() - start

@@ -72,7 +72,7 @@ def planned_gib(argv: list[str]) -> float:
     dims = ParallelDims.from_config(job_config.parallelism, 1, model_args.n_heads, model_args.n_kv_heads)
     settings = model_settings(job_config, model_args, dims, device_type="cuda")
     training = job_config.training
-    layout = layout_for(settings, dims, training.seq_len, training.local_batch_size, job_config.recipe.loss_chunk_size)
+    layout = layout_for(settings, dims, training.seq_len, training.local_batch_size)
     return plan_memory(model_args, layout)[0]["peak"] / GIB
 
 

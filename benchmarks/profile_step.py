@@ -47,8 +47,22 @@ KERNEL_GROUPS = (  # (label, substrings of CUDA kernel names), first match wins
 ANNOTATIONS = ("FSDP::", "Optimizer.", "ProfilerStep", "CompiledFunction", "autograd::", "## ", "cuda")
 
 
-def profile(system, seq, vocab, device, path) -> tuple[dict, dict, float]:
-    """(ms per step by kernel, ms per step by kind, wall ms per step) over STEPS profiled steps."""
+def idle_gaps(events, top: int = 8) -> tuple[float, list]:
+    """(GPU idle ms per step between the first and the last kernel, the `top` longest gaps as
+    (ms, kernel before, kernel after)): where in the step the device waits for the host."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(ANNOTATIONS))
+    gaps, busy_until, last = [], None, None
+    for start, end, name in spans:
+        if busy_until is not None and start > busy_until:
+            gaps.append(((start - busy_until) / 1e3, last, name))
+        if busy_until is None or end > busy_until:
+            busy_until, last = end, name
+    return sum(g for g, _, _ in gaps) / STEPS, sorted(gaps, key=lambda g: -g[0])[:top]
+
+
+def profile(system, seq, vocab, device, path) -> tuple[dict, dict, float, tuple]:
+    """(ms per step by kernel, ms per step by kind, wall ms per step, idle_gaps) over STEPS profiled steps."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -68,20 +82,25 @@ def profile(system, seq, vocab, device, path) -> tuple[dict, dict, float]:
         name = e.key.lower()
         label = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
         groups[label] = groups.get(label, 0) + ms
-    return kernels, groups, 1e3 * sum(times) / STEPS
+    return kernels, groups, 1e3 * sum(times) / STEPS, idle_gaps(prof.events())
 
 
 def print_tables(names, results) -> None:
-    labels = sorted({g for _, groups, _ in results for g in groups}, key=lambda g: -results[0][1].get(g, 0))
+    labels = sorted({g for _, groups, _, _ in results for g in groups}, key=lambda g: -results[0][1].get(g, 0))
     print(f"\nGPU kernel time, ms per step (mean of {STEPS} profiled steps):")
     print(f"{'kind':<30}" + "".join(f"{n:>14}" for n in names))
     for label in labels:
-        print(f"{label:<30}" + "".join(f"{groups.get(label, 0):>14.1f}" for _, groups, _ in results))
-    print(f"{'all kernels':<30}" + "".join(f"{sum(groups.values()):>14.1f}" for _, groups, _ in results))
-    print(f"{'wall (profiled)':<30}" + "".join(f"{wall:>14.1f}" for _, _, wall in results))
+        print(f"{label:<30}" + "".join(f"{groups.get(label, 0):>14.1f}" for _, groups, _, _ in results))
+    print(f"{'all kernels':<30}" + "".join(f"{sum(groups.values()):>14.1f}" for _, groups, _, _ in results))
+    print(f"{'GPU idle between kernels':<30}" + "".join(f"{idle:>14.1f}" for _, _, _, (idle, _) in results))
+    print(f"{'wall (profiled)':<30}" + "".join(f"{wall:>14.1f}" for _, _, wall, _ in results))
+    for name, (_, _, _, (_, gaps)) in zip(names, results):
+        print(f"\nLongest GPU idle gaps of {name} over {STEPS} steps (ms, kernel before -> kernel after):")
+        for ms, before, after in gaps:
+            print(f"{ms:>8.2f}  {before[:60]} -> {after[:60]}")
     if len(results) < 2:
         return
-    (a, _, _), (b, _, _) = results[:2]
+    (a, _, _, _), (b, _, _, _) = results[:2]
     diffs = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, 0) - b.get(k, 0)))[:20]
     print(f"\nKernels whose time differs most, ms per step ({names[0]} / {names[1]}):")
     for k in diffs:

@@ -105,7 +105,7 @@ def model_settings(job_config: JobConfig, model_args: DecoderArgs, parallel_dims
         compile=job_config.compile.enable, compile_backend=job_config.compile.backend, mlp_chunk=ac.mlp_chunk_size,
         activation_offload=ac.cpu_offload, attention_groups=ac.attention_kv_groups, compute_dtype=compute, fsdp=fsdp,
         reshard_after_forward=p.fsdp_reshard_after_forward != "never", cpu_offload=training.enable_cpu_offload,
-        loss_parallel=parallel_dims.tp > 1 and not p.disable_loss_parallel)
+        loss_parallel=parallel_dims.tp > 1 and not p.disable_loss_parallel, loss_chunk=job_config.recipe.loss_chunk_size)
     if ac.mode != "auto":
         return settings
     return auto_settings(job_config, model_args, parallel_dims, settings, device_type, budget_bytes)
@@ -132,7 +132,7 @@ def auto_candidates(job_config: JobConfig, model_args: DecoderArgs, parallel_dim
     """planner/auto.choose on this job's mesh and longest row (scripts/plan.py --explain prints it)."""
     training = job_config.training
     layout_of = functools.partial(layout_for, parallel_dims=parallel_dims, seq_len=training.seq_len,
-                                  batch=training.local_batch_size, loss_chunk=job_config.recipe.loss_chunk_size)
+                                  batch=training.local_batch_size)
     ulysses = parallel_dims.cp_ulysses
     kv_heads = kv_heads_to_send(model_args.n_kv_heads // parallel_dims.tp, ulysses) // ulysses  # per rank, in attention
     return auto.choose(model_args, layout_of, base, fsdp_required=base.fsdp, kv_heads=kv_heads, budget_bytes=budget_bytes)

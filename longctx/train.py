@@ -132,7 +132,7 @@ def train_step(model, job: Job, microbatches, optimizer, lr_schedule, job_config
     for mb in microbatches:
         with loss_context(settings):  # forward and backward
             with forward_context(settings, device.type):
-                loss_sum, recipe_sums = recipe.loss_sum(model, mb)
+                loss_sum, recipe_sums = recipe.loss_sum(model, mb, settings.loss_chunk)
             loss = loss_sum / n_tokens.clamp(min=1)
             loss.backward()
         total += loss.detach()
@@ -186,7 +186,7 @@ def validation_loss(model, validator: Validator, job: Job, device) -> float:
     for microbatches in validator.batches():
         for mb in on_device(microbatches, parallel_dims, device):
             with loss_context(settings), forward_context(settings, device.type):
-                loss_sum, _ = validator.recipe.loss_sum(model, mb)
+                loss_sum, _ = validator.recipe.loss_sum(model, mb, settings.loss_chunk)
             sums += torch.stack([loss_sum.detach().float(), labelled_tokens([mb])])
     model.train()
     dist.all_reduce(sums, group=parallel_dims.mesh("dp_cp").get_group())  # tp ranks hold the same sums

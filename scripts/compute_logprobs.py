@@ -51,7 +51,7 @@ def score_row(model, recipe, row: dict, parallel_dims, settings, device) -> torc
     and put back in token order (cp ranks hold head-tail chunks when the sequence is sharded)."""
     batch = parallel_dims.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()})
     with loss_context(settings), forward_context(settings, device.type):
-        local = recipe.token_logprobs(model, batch)[0]  # [T/cp]
+        local = recipe.token_logprobs(model, batch, settings.loss_chunk)[0]  # [T/cp]
     if parallel_dims.cp == 1:
         return local
     chunks = [torch.empty_like(local) for _ in range(parallel_dims.cp)]

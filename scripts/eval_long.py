@@ -120,8 +120,7 @@ def token_scores(h, output, labels, chunk_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_rows(model, rows: list[tuple[list[int], list[int]]], parallel_dims, settings, pad_id: int, chunk_size: int,
-               device) -> dict:
+def score_rows(model, rows: list[tuple[list[int], list[int]]], parallel_dims, settings, pad_id: int, device) -> dict:
     """{row index: [n, 2] scores of its tokens} for this rank's dp group's rows, in the settings'
     compute dtype. Every rank runs the same number of forwards (FSDP gathers collectively): a dp
     group without a row scores an empty one."""
@@ -132,7 +131,7 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], parallel_dims, se
         tokens, labels = rows[index] if index < len(rows) else ([pad_id], [IGNORE_INDEX])
         row = pack_row([(tokens, labels)], parallel_dims.padded_len(len(tokens)), pad_id)
         batch = parallel_dims.shard_for_cp({k: v.to(device) for k, v in collate([row]).items()})
-        head = lambda h, output: token_scores(h, output, batch["labels"], chunk_size)  # noqa: E731
+        head = lambda h, output: token_scores(h, output, batch["labels"], settings.loss_chunk)  # noqa: E731
         # No document mask: a row is one document with padding only at its end, so plain causal
         # attention is exact for every real token (and runs the fast SDPA kernels, nothing to compile).
         with forward_context(settings, device.type):
@@ -215,7 +214,7 @@ def evaluate(job_config, job, args, device) -> dict | None:
     loss_rows, tasks, rows = evaluation_rows(recipe, args)
     # With checkpoint.enable, the run's own latest (or load_step) checkpoint, weights only.
     model = build_model(spec, model_args, parallel_dims, settings, device, weight_source(job_config).model_only()).eval()
-    scores = score_rows(model, rows, parallel_dims, settings, recipe.tokenizer.eos_id, job_config.recipe.loss_chunk_size, device)
+    scores = score_rows(model, rows, parallel_dims, settings, recipe.tokenizer.eos_id, device)
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(scores, gathered, dst=0)
     if dist.get_rank() != 0:
@@ -228,7 +227,7 @@ def evaluate_transformers(job_config, job, args) -> dict:
     """The same rows scored by transformers (one process, no process group)."""
     loss_rows, tasks, rows = evaluation_rows(job.recipe, args)
     dtype = getattr(torch, job_config.training.mixed_precision_param) if torch.cuda.is_available() else torch.float32
-    scores = score_rows_transformers(args.model_dir, rows, dtype, job_config.recipe.loss_chunk_size)
+    scores = score_rows_transformers(args.model_dir, rows, dtype, job.settings.loss_chunk)
     return summarize(scores, loss_rows, tasks, args, "transformers")
 
 

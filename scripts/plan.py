@@ -51,7 +51,7 @@ def plan_job(config_args: list[str], ngpu: int, gpu_bytes: float):
     dims = ParallelDims.from_config(job_config.parallelism, ngpu, model_args.n_heads, model_args.n_kv_heads)
     settings = model_settings(job_config, model_args, dims, device_type="cuda", budget_bytes=gpu_bytes * (1 - MARGIN))
     training = job_config.training
-    layout = layout_for(settings, dims, training.seq_len, training.local_batch_size, job_config.recipe.loss_chunk_size)
+    layout = layout_for(settings, dims, training.seq_len, training.local_batch_size)
     return job_config, model_args, dims, settings, layout
 
 

@@ -95,9 +95,9 @@ class NaNLossAt:
     def __getattr__(self, name):
         return getattr(self.recipe, name)
 
-    def loss_sum(self, model, batch):
+    def loss_sum(self, model, batch, loss_chunk):
         self.weights_seen.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
-        loss, sums = self.recipe.loss_sum(model, batch)
+        loss, sums = self.recipe.loss_sum(model, batch, loss_chunk)
         return (loss * math.nan if len(self.weights_seen) in self.nan_steps else loss), sums
 
 

@@ -172,7 +172,7 @@ def test_a_small_model_learns_passkey_retrieval(tmp_path):
             for depth in np.linspace(0, 1, 32)]
     with one_rank():
         model, records = train.train(job_config, job, torch.device("cpu"))
-        scores = eval_long.score_rows(model.eval(), rows, job.parallel_dims, job.settings, job.recipe.tokenizer.eos_id, 4096,
+        scores = eval_long.score_rows(model.eval(), rows, job.parallel_dims, job.settings, job.recipe.tokenizer.eos_id,
                                       torch.device("cpu"))
     cells = [(255, 0.0)] * len(rows)
     accuracy = eval_long.retrieval_accuracy([scores[i] for i in range(len(rows))], cells, rows)[0]["accuracy"]

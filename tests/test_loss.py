@@ -51,6 +51,24 @@ def test_chunked_cross_entropy_sum_matches_full(bias, chunk_size):
         assert_rel_close(g_ours, g_ref, 1e-5, f"gradient of {name}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled chunk and the fp32-output matmuls run on CUDA only")
+def test_fused_loss_under_cuda_autocast_matches_autograd():
+    """The GPU path (bf16 autocast over fp32 weights, each chunk compiled, dL/dW summed in the
+    matmuls' fp32 accumulator) against autograd through the full bf16 logits: equal to bf16 rounding."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 1500, 256, device="cuda", requires_grad=True)
+    output = nn.Linear(256, 5000, bias=False, device="cuda")
+    labels = torch.randint(0, 5000, (2, 1500), device="cuda")
+    labels[torch.rand(2, 1500, device="cuda") < 0.2] = IGNORE_INDEX
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = chunked_cross_entropy_sum(h, output, labels, chunk_size=1024)
+        ref = F.cross_entropy(output(h).float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    assert_rel_close(ours, ref, 1e-4, "loss sum")
+    for name, g_ours, g_ref in zip(["h", "weight"], grads_of(ours / 7.0, h, output), grads_of(ref / 7.0, h, output)):
+        assert g_ours.dtype == g_ref.dtype == torch.float32
+        assert_rel_close(g_ours, g_ref, 1e-2, f"gradient of {name}")
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["fused", "checkpointed"])
 def test_all_ignored_labels_give_zero_not_nan(bias):
     h, output, labels = make_inputs(bias)

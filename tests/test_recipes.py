@@ -239,7 +239,7 @@ def test_policy_loss_and_grads_match_direct_computation(hf_dir, tmp_path):
         spec, model_args, parallel_dims, recipe, settings = job.spec, job.model_args, job.parallel_dims, job.recipe, job.settings
         model = build_model(spec, model_args, parallel_dims, settings, torch.device("cpu"), weight_source(job_config))
     batch = collate([pack_row([recipe.encode(r) for r in rollouts], 256, recipe.pad_id, EXTRA_FIELDS)])
-    loss_sum, metric_sums = recipe.loss_sum(model, batch)
+    loss_sum, metric_sums = recipe.loss_sum(model, batch, settings.loss_chunk)
     n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
     (loss_sum / n_tokens).backward()
     grads = spec.state_dict_adapter(model_args).to_hf({n: p.grad for n, p in model.named_parameters()})

@@ -3,6 +3,7 @@ one-rank path without FSDP, attention by kv-head group. Each against what it mus
 
 import dataclasses
 import functools
+import itertools
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def chosen(seq_len: int, budget_gib: float, *flags: str) -> ModelSettings:
 
 
 def one_gpu_layout(settings: ModelSettings, seq_len: int) -> Layout:
-    return layout_for(settings, ONE_GPU, seq_len, batch=1, loss_chunk=4096)
+    return layout_for(settings, ONE_GPU, seq_len, batch=1)
 
 
 def test_auto_recomputes_nothing_when_everything_fits():
@@ -66,17 +67,33 @@ def test_auto_recomputes_more_as_the_budget_shrinks_and_always_fits_it():
 
 def test_auto_choice_is_the_fastest_candidate_that_fits():
     job, budget = auto_job(131072), 60 * GIB
-    base = dataclasses.replace(model_settings(job, QWEN3_06B, ONE_GPU, device_type="cuda", budget_bytes=budget))
+    base = model_settings(job, QWEN3_06B, ONE_GPU, device_type="cuda", budget_bytes=budget)
     table = auto_candidates(job, QWEN3_06B, ONE_GPU, base, budget)
     fitting = [c for c in table if c.peak <= budget]
     assert fitting and table[0] == min(fitting, key=lambda c: c.seconds)
     assert all(c.peak > budget for c in table[len(fitting):]), "fits first, then the rest by peak"
-    # Brute force over every block mix of the chosen feature set: none is faster and fits.
-    best = table[0]
-    for checkpointing in auto.block_mixes(28):
-        layout = one_gpu_layout(dataclasses.replace(best.settings, checkpointing=checkpointing), 131072)
-        if plan_memory(QWEN3_06B, layout)[0]["peak"] <= budget:
-            assert auto.step_seconds(QWEN3_06B, layout) >= best.seconds - 1e-12
+    # Brute force over every block mix of every feature set: auto's walk finds each one's fastest.
+    for choice in table:
+        fastest = None
+        for full, op in itertools.product(range(29), range(29)):
+            if full + op > 28 or (choice.settings.activation_offload and full + op == 0):
+                continue
+            layout = one_gpu_layout(dataclasses.replace(choice.settings, checkpointing=auto.block_mix(28, full, op)), 131072)
+            if plan_memory(QWEN3_06B, layout)[0]["peak"] <= budget:
+                seconds = auto.step_seconds(QWEN3_06B, layout)
+                fastest = seconds if fastest is None else min(fastest, seconds)
+        assert (fastest is None) == (choice.peak > budget), choice.settings.describe()
+        assert fastest is None or choice.seconds == fastest, choice.settings.describe()
+
+
+def test_auto_cuts_the_loss_chunk_only_to_fit():
+    """Qwen3-0.6B at 8K: the configured chunk where memory is plentiful (8192: fewer chunks, faster),
+    half of 4096 where that lets every block keep everything."""
+    assert chosen(8192, 70, "--recipe.loss_chunk_size", "8192").loss_chunk == 8192
+    assert chosen(8192, 70).loss_chunk == 4096
+    tight = chosen(8192, 20.5)
+    assert (tight.checkpointing, tight.loss_chunk) == (("none",) * 28, 2048), tight.describe()
+    assert plan_memory(QWEN3_06B, one_gpu_layout(tight, 8192))[0]["peak"] <= 20.5 * GIB
 
 
 def test_auto_refuses_what_nothing_fits_naming_the_smallest_plan():

@@ -349,7 +349,8 @@ class Recipe:
     user turn with the generation prompt, the response as the assistant turn) before tokenizing."""
 
     loss_chunk_size: int = 4096
-    """Tokens per chunk of the chunked cross-entropy: the logits of one chunk exist at a time."""
+    """Tokens per chunk of the chunked cross-entropy: the logits of one chunk exist at a time. Under
+    activation_checkpoint.mode = "auto" the largest: the planner may take a half or a quarter of it to fit."""
 
     clip_eps: float = 0.2
     """policy: the importance ratio is clipped to [1 - clip_eps, 1 + clip_eps] (PPO's epsilon)."""

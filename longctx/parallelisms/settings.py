@@ -36,6 +36,7 @@ class ModelSettings:
     reshard_after_forward: bool = True  # FSDP: False keeps each block's gathered weights until backward
     cpu_offload: bool = False  # FSDP: fp32 weights, gradients and AdamW state in host memory
     loss_parallel: bool = False  # tensor parallel: the loss reduces over vocab-sharded logits
+    loss_chunk: int = 4096  # tokens per cross-entropy chunk: one chunk's logits exist at a time
 
     def __post_init__(self):
         unknown = set(self.checkpointing) - set(BLOCK_MODES)
@@ -52,6 +53,7 @@ class ModelSettings:
         features = [f"mlp tiles of {self.mlp_chunk}" if self.mlp_chunk else "",
                     "activation offload" if self.activation_offload else "",
                     f"attention in {self.attention_groups} kv-head groups" if self.attention_groups > 1 else "",
+                    f"loss in chunks of {self.loss_chunk}",
                     "fp32 state on host" if self.cpu_offload else "",
                     ("FSDP" + (", reshard after forward" if self.reshard_after_forward else ", no reshard")) if self.fsdp
                     else f"no FSDP, autocast to {str(self.compute_dtype).removeprefix('torch.')}" if self.autocast else "no FSDP"]

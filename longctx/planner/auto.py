@@ -2,15 +2,16 @@
 
 Every candidate is a ModelSettings (parallelisms/settings.py): a mode per block (the first k blocks
 "full", the next m "op", the rest "none": any mix, finer than every-N), with or without MLP tiles,
-activation offload, attention in kv-head groups, FSDP resharding, and on one rank FSDP or plain
-autocast. The planner (memory.py) prices each one's peak; of those under the budget, the one with the
-least estimated step time wins. The budget is the card's memory less MARGIN: the planner came within
-10% of the measured peak on every configuration measured (docs/performance.md).
+activation offload, attention in kv-head groups, FSDP resharding, on one rank FSDP or plain
+autocast, and the loss chunk (recipe.loss_chunk_size or a half or a quarter of it). The planner
+(memory.py) prices each one's peak; of those under the budget, the one with the least estimated
+step time wins. The budget is the card's memory less MARGIN: the planner came within 10% of the
+measured peak on every configuration measured (docs/performance.md).
 
 The time estimate only has to rank candidates: model flops (forward and backward, with what each
 mode recomputes) at the card's matmul rate, plus the bytes FSDP's casts and copies move on top of
-autocast's at its memory bandwidth. Offload and head groups get a small price so that they are
-chosen only when they are needed to fit.
+autocast's and the fp32 dL/dW sum each loss chunk re-reads, at its memory bandwidth. Offload and
+head groups get a small price so that they are chosen only when they are needed to fit.
 """
 
 import dataclasses
@@ -25,6 +26,7 @@ MARGIN = 0.10
 MLP_TILE = 16384  # tokens per MLP tile when tiles are needed (as measured on the H100: docs/performance.md)
 MATMUL_FLOPS = 750e12  # bf16 dense rate an H100/H200 reaches in our step's matmuls
 MEMORY_BYTES_PER_S = 3.0e12
+LOSS_CHUNK_HALVINGS = 2  # auto may cut recipe.loss_chunk_size to a half or a quarter to fit
 OFFLOAD_COST = 0.002  # fraction of a step: the copies run on a side stream, overlapped with compute
 GROUP_COST = 0.002  # per extra kernel launch group, as a fraction of attention time
 
@@ -59,47 +61,74 @@ def step_seconds(a: DecoderArgs, layout: Layout) -> float:
     # with resharding) and the reduce-scatter's copy and cast.
     bytes_per_param = 12 if not layout.fsdp else 12 + 8 * (2 if layout.reshard_after_forward else 1) + 10
     seconds += bytes_per_param * a.num_params() / (layout.dp_shard * layout.cp * layout.tp) / MEMORY_BYTES_PER_S
+    # Each loss chunk adds its share of dL/dW into the fp32 sum, reading it (models/common/loss.py).
+    chunks = -(-layout.batch * layout.seq_len // layout.cp // layout.loss_chunk)
+    seconds += chunks * 4 * a.vocab_size * a.dim / layout.tp / MEMORY_BYTES_PER_S
     seconds *= 1 + (OFFLOAD_COST if layout.activation_offload else 0)
     return seconds + (layout.attention_groups - 1) * GROUP_COST * a.n_layers * 3 * attention / MATMUL_FLOPS
 
 
-def block_mixes(n_layers: int):
-    """Every (full, op, none) split of the blocks: the first k "full", the next m "op", the rest "none"."""
-    for full in range(n_layers + 1):
-        for op in range(n_layers - full + 1):
-            yield ("full",) * full + ("op",) * op + ("none",) * (n_layers - full - op)
+def block_mix(n_layers: int, full: int, op: int) -> tuple[str, ...]:
+    """The first `full` blocks "full", the next `op` "op", the rest "none"."""
+    return ("full",) * full + ("op",) * op + ("none",) * (n_layers - full - op)
 
 
-def candidates(a: DecoderArgs, base: ModelSettings, fsdp_required: bool, kv_heads: int):
-    """Every settings auto may choose, given what the job fixed in `base` (compile, compute dtype,
-    FSDP's CPU offload, loss parallel, a configured MLP tile size)."""
+def feature_sets(base: ModelSettings, fsdp_required: bool, kv_heads: int):
+    """Every combination of memory features auto may choose (its block mix left empty), given what
+    the job fixed in `base` (compile, compute dtype, FSDP's CPU offload, loss parallel, a configured
+    MLP tile size, the largest loss chunk)."""
     tiles = (0, base.mlp_chunk or MLP_TILE)
     groups = sorted({1, kv_heads})
-    for fsdp, reshard, mlp_chunk, offload, group in itertools.product(
-            (True,) if fsdp_required else (False, True), (True, False), tiles, (False, True), groups):
-        if not fsdp and not reshard:
-            continue  # resharding is FSDP's
-        for checkpointing in block_mixes(a.n_layers):
-            if offload and "full" not in checkpointing and "op" not in checkpointing:
-                continue  # nothing to offload
-            yield dataclasses.replace(base, checkpointing=checkpointing, fsdp=fsdp, reshard_after_forward=reshard,
-                                      mlp_chunk=mlp_chunk, activation_offload=offload, attention_groups=group)
+    loss_chunks = sorted({max(base.loss_chunk >> i, 1) for i in range(LOSS_CHUNK_HALVINGS + 1)}, reverse=True)
+    for fsdp, reshard, mlp_chunk, offload, group, loss_chunk in itertools.product(
+            (True,) if fsdp_required else (False, True), (True, False), tiles, (False, True), groups, loss_chunks):
+        if fsdp or reshard:  # resharding is FSDP's
+            yield dataclasses.replace(base, checkpointing=(), fsdp=fsdp, reshard_after_forward=reshard, mlp_chunk=mlp_chunk,
+                                      activation_offload=offload, attention_groups=group, loss_chunk=loss_chunk)
+
+
+def fastest_mix(a: DecoderArgs, layout_of, features: ModelSettings, budget_bytes: float) -> Choice:
+    """The fastest block mix of one feature set that fits, or its smallest (every block "full").
+
+    Step time grows and the peak falls with every block moved from "none" to "op" or from "op" to
+    "full", so for each count of "full" blocks only the fewest "op" blocks that fit can win, and
+    that count never grows with the "full" count: one walk down instead of every mix. (Moving the
+    first block off "none" can raise the peak, by the recomputation backward then holds, so the
+    mix with no "op" block is tried on its own.)"""
+    L = a.n_layers
+
+    def mix(full: int, op: int) -> Choice | None:
+        if features.activation_offload and full + op == 0:
+            return None  # nothing to offload
+        settings = dataclasses.replace(features, checkpointing=block_mix(L, full, op))
+        layout = layout_of(settings)
+        return Choice(settings, plan_memory(a, layout)[0]["peak"], step_seconds(a, layout))
+
+    def fitting(choice: Choice | None) -> bool:
+        return choice is not None and choice.peak <= budget_bytes
+
+    best = mix(L, 0)
+    op = L
+    for full in range(L + 1):
+        op = min(op, L - full)
+        for choice in (mix(full, 0), mix(full, op)):
+            if fitting(choice) and (not fitting(best) or choice.seconds < best.seconds):
+                best = choice
+        while op > 1 and fitting(smaller := mix(full, op - 1)):
+            op -= 1
+            if smaller.seconds < best.seconds:
+                best = smaller
+    return best
 
 
 def choose(a: DecoderArgs, layout_of, base: ModelSettings, fsdp_required: bool, kv_heads: int,
            budget_bytes: float) -> list[Choice]:
-    """Per combination of memory features (FSDP, resharding, tiles, offload, head groups): its
+    """Per combination of memory features (FSDP, resharding, tiles, offload, head groups, loss chunk): its
     fastest block mix that fits, or its smallest peak when none does; best first (fits, then time;
     the rest by peak). The first is auto's choice if it fits. layout_of(settings) -> the planner's
     Layout on the job's mesh."""
     def rank(choice: Choice) -> tuple:
         return (0, choice.seconds) if choice.peak <= budget_bytes else (1, choice.peak)
 
-    per_features: dict[ModelSettings, Choice] = {}
-    for settings in candidates(a, base, fsdp_required, kv_heads):
-        layout = layout_of(settings)
-        choice = Choice(settings, plan_memory(a, layout)[0]["peak"], step_seconds(a, layout))
-        features = dataclasses.replace(settings, checkpointing=())
-        if features not in per_features or rank(choice) < rank(per_features[features]):
-            per_features[features] = choice
-    return sorted(per_features.values(), key=rank)
+    return sorted((fastest_mix(a, layout_of, features, budget_bytes)
+                   for features in feature_sets(base, fsdp_required, kv_heads)), key=rank)

@@ -60,13 +60,13 @@ class Layout:
         return (self.checkpointing,) * n_layers if isinstance(self.checkpointing, str) else self.checkpointing
 
 
-def layout_for(settings: ModelSettings, parallel_dims: ParallelDims, seq_len: int, batch: int, loss_chunk: int) -> Layout:
+def layout_for(settings: ModelSettings, parallel_dims: ParallelDims, seq_len: int, batch: int) -> Layout:
     """The layout of a job's settings on its mesh, for rows of seq_len tokens (padded here)."""
     return Layout(
         seq_len=parallel_dims.padded_len(seq_len), batch=batch, dp_shard=parallel_dims.dp_shard, cp=parallel_dims.cp,
         cp_shard=parallel_dims.cp_shard, tp=parallel_dims.tp, checkpointing=settings.checkpointing,
         cpu_offload=settings.cpu_offload, activation_offload=settings.activation_offload, mlp_chunk=settings.mlp_chunk,
-        attention_groups=settings.attention_groups, loss_chunk=loss_chunk, fsdp=settings.fsdp,
+        attention_groups=settings.attention_groups, loss_chunk=settings.loss_chunk, fsdp=settings.fsdp,
         reshard_after_forward=settings.reshard_after_forward, compile=settings.compile,
         act_bytes=settings.compute_dtype.itemsize,
     )

@@ -19,8 +19,9 @@ class Recipe(Protocol):
         (data/loader.RowSchedule). A TokenStream only for pretrain on a folder of tokenize_corpus.py."""
         ...
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(sum of token losses on this rank's tokens, metric_sums). train_step divides the loss by
+    def loss_sum(self, model, batch: dict[str, torch.Tensor], loss_chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(sum of token losses on this rank's tokens, metric_sums), the logits `loss_chunk` tokens at a
+        time (the job's ModelSettings.loss_chunk). train_step divides the loss by
         the GLOBAL count of labelled tokens (labels != IGNORE_INDEX) and reports each metric sum (a
         per-token quantity summed over labelled tokens, e.g. the policy's clip fraction) as a mean
         over the global batch."""

@@ -128,14 +128,14 @@ class PolicyRecipe:
         return PackedStream(self.documents, self.encode, self.pad_id, extra_fields=EXTRA_FIELDS, split_documents=False,
                             name=f"policy: rollouts of {self.dataset_path}")
 
-    def token_logprobs(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def token_logprobs(self, model, batch: dict[str, torch.Tensor], loss_chunk: int) -> torch.Tensor:
         """log p(label) per local token, [B, T_local] fp32, 0 where there is no label."""
-        head = functools.partial(chunked_token_logprobs, labels=batch["labels"], chunk_size=self.job_config.recipe.loss_chunk_size)
+        head = functools.partial(chunked_token_logprobs, labels=batch["labels"], chunk_size=loss_chunk)
         return model(batch["input_ids"], batch["position_ids"], batch.get("document_ids"), head=head)
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]):
+    def loss_sum(self, model, batch: dict[str, torch.Tensor], loss_chunk: int):
         """(sum of token losses, metric sums) on this rank's tokens."""
-        logp = self.token_logprobs(model, batch)
+        logp = self.token_logprobs(model, batch, loss_chunk)
         mask = batch["labels"] != IGNORE_INDEX
         old = torch.where(batch["old_logprobs"].isnan(), logp.detach(), batch["old_logprobs"])
         ratio = torch.exp(logp - old)

@@ -52,9 +52,9 @@ class PretrainRecipe:
             return TokenStream(self.documents, self.tokenizer.eos_id)
         return PackedStream(self.documents, self.encode, self.tokenizer.eos_id)
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def loss_sum(self, model, batch: dict[str, torch.Tensor], loss_chunk: int) -> tuple[torch.Tensor, dict]:
         """(sum of token losses on this rank's tokens, no recipe metrics)."""
-        return next_token_loss_sum(model, batch, self.job_config.recipe.loss_chunk_size), {}
+        return next_token_loss_sum(model, batch, loss_chunk), {}
 
 
 def next_token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:

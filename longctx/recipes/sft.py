@@ -61,6 +61,6 @@ class SFTRecipe:
         return PackedStream(range(len(self.documents)), self.encode_at, self.tokenizer.eos_id, split_documents=False,
                             name=f"sft: conversations of {self.dataset_path}")
 
-    def loss_sum(self, model, batch):
+    def loss_sum(self, model, batch, loss_chunk: int):
         """(sum of token losses on this rank's tokens, no recipe metrics): pretraining's loss, other labels."""
-        return next_token_loss_sum(model, batch, self.job_config.recipe.loss_chunk_size), {}
+        return next_token_loss_sum(model, batch, loss_chunk), {}

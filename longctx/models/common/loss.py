@@ -51,10 +51,10 @@ def _chunks(h: torch.Tensor, labels: torch.Tensor, chunk_size: int):
 
 
 def _linear_ce_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-    """h [C, dim], weight [V, dim], labels [C] -> (loss sum, dL/dh [C, dim], dL/dW [V, dim]).
+    """h [C, dim], weight [V, dim], labels [C] -> (loss sum, dL/dh [C, dim], dL/dlogits [C, V]).
 
-    dL/dlogits = softmax(logits) - onehot(label), zero on ignored rows; written in bf16 like the
-    gradient autograd would give the bf16 logits."""
+    dL/dlogits = softmax(logits) - onehot(label), zero on ignored rows; written in h's dtype like
+    the gradient autograd would give the logits."""
     logits = (h @ weight.t()).float()  # [C, V]; fp32 for a stable log-softmax
     lse = logits.logsumexp(dim=-1)
     valid = labels != IGNORE_INDEX
@@ -64,7 +64,21 @@ def _linear_ce_chunk(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     probs = (logits - lse[:, None]).exp()
     grad = torch.where(vocab[None, :] == target[:, None], probs - 1.0, probs)
     grad = torch.where(valid[:, None], grad, 0.0).to(h.dtype)  # [C, V]
-    return loss, grad @ weight, grad.t() @ h
+    return loss, grad @ weight, grad
+
+
+def _add_product(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in fp32 (a @ b when acc is None). On CUDA a bf16 product is summed in the matmul's
+    own fp32 accumulator and added into acc by the matmul itself (cuBLAS beta = 1): no bf16 rounding
+    of each chunk's share, no separate pass over the [vocab, dim] sum (H100, 1.7B at 8K tokens: two
+    1.3-ms adds and a 0.4-ms fill per step before)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cuda", enabled=False):
+            if acc is None:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    product = (a @ b).float()
+    return product if acc is None else acc.add_(product)
 
 
 @functools.cache
@@ -81,20 +95,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, chunk_size):
         chunk_fn = _compiled_linear_ce_chunk() if h.is_cuda else _linear_ce_chunk
-        h2, flat_labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        ctx.h_shape, ctx.weight_dtype = h.shape, weight.dtype
+        h2, flat_labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)
         grad_h = torch.empty_like(h2) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        if torch.is_autocast_enabled(h.device.type):  # cast once here, not in every chunk's matmuls
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h2, weight = h2.to(dtype), weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_w = None
         for start in range(0, h2.size(0), chunk_size):
             end = min(start + chunk_size, h2.size(0))
-            chunk_loss, chunk_grad_h, chunk_grad_w = chunk_fn(h2[start:end], weight, flat_labels[start:end])
+            chunk_loss, chunk_grad_h, grad_logits = chunk_fn(h2[start:end], weight, flat_labels[start:end])
             loss += chunk_loss
             if need_grad:
                 grad_h[start:end] = chunk_grad_h
-                grad_w += chunk_grad_w  # fp32 accumulation across chunks
+                grad_w = _add_product(grad_w, grad_logits.t(), h2[start:end])  # fp32 across chunks
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.h_shape, ctx.weight_dtype = h.shape, weight.dtype
         return loss
 
     @staticmethod
