@@ -107,17 +107,21 @@ def fastest_mix(a: DecoderArgs, layout_of, features: ModelSettings, budget_bytes
     def fitting(choice: Choice | None) -> bool:
         return choice is not None and choice.peak <= budget_bytes
 
-    best = mix(L, 0)
+    best = mix(L, 0)  # the smallest peak: the answer when nothing fits
+
+    def consider(choice: Choice | None) -> None:
+        nonlocal best
+        if fitting(choice) and (not fitting(best) or choice.seconds < best.seconds):
+            best = choice
+
     op = L
     for full in range(L + 1):
         op = min(op, L - full)
-        for choice in (mix(full, 0), mix(full, op)):
-            if fitting(choice) and (not fitting(best) or choice.seconds < best.seconds):
-                best = choice
+        consider(mix(full, 0))
+        consider(mix(full, op))
         while op > 1 and fitting(smaller := mix(full, op - 1)):
             op -= 1
-            if smaller.seconds < best.seconds:
-                best = smaller
+            consider(smaller)
     return best
 
 
