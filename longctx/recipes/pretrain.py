@@ -24,7 +24,6 @@ CACHED_TOKENS = MAX_SEQ_LEN
 
 class PretrainRecipe:
     def __init__(self, job_config, section: str = "training"):
-        self.job_config = job_config
         self.tokenizer = HFTokenizer(job_config.model.hf_assets_path)
         data = getattr(job_config, section)  # training, or validation's held-out set
         if is_token_folder(data.dataset_path):

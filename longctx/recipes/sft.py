@@ -20,7 +20,6 @@ from longctx.recipes.pretrain import next_token_loss_sum
 
 class SFTRecipe:
     def __init__(self, job_config, section: str = "training"):
-        self.job_config = job_config
         assets = job_config.model.hf_assets_path
         self.tokenizer = HFTokenizer(assets)
         self.chat = ChatTemplate(self.tokenizer, assets, job_config.recipe.chat_template_kwargs)
