@@ -14,6 +14,7 @@ between the first two systems.
 import argparse
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 from bench_systems import add_system_arguments, build_system, free, model_args_for, systems_from, time_steps
@@ -47,6 +48,17 @@ KERNEL_GROUPS = (  # (label, substrings of CUDA kernel names), first match wins
 ANNOTATIONS = ("FSDP::", "Optimizer.", "ProfilerStep", "CompiledFunction", "autograd::", "## ", "cuda")
 
 
+class Profile(NamedTuple):
+    """One system's STEPS profiled steps, per step: ms by kernel and by kind, wall ms, GPU idle ms
+    between kernels, and the longest idle gaps as (ms, kernel before, kernel after)."""
+
+    kernels: dict
+    groups: dict
+    wall_ms: float
+    idle_ms: float
+    gaps: list
+
+
 def idle_gaps(events, top: int = 8) -> tuple[float, list]:
     """(GPU idle ms per step between the first and the last kernel, the `top` longest gaps as
     (ms, kernel before, kernel after)): where in the step the device waits for the host."""
@@ -61,8 +73,7 @@ def idle_gaps(events, top: int = 8) -> tuple[float, list]:
     return sum(g for g, _, _ in gaps) / STEPS, sorted(gaps, key=lambda g: -g[0])[:top]
 
 
-def profile(system, seq, vocab, device, path) -> tuple[dict, dict, float, tuple]:
-    """(ms per step by kernel, ms per step by kind, wall ms per step, idle_gaps) over STEPS profiled steps."""
+def profile(system, seq, vocab, device, path) -> Profile:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -82,25 +93,26 @@ def profile(system, seq, vocab, device, path) -> tuple[dict, dict, float, tuple]
         name = e.key.lower()
         label = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
         groups[label] = groups.get(label, 0) + ms
-    return kernels, groups, 1e3 * sum(times) / STEPS, idle_gaps(prof.events())
+    return Profile(kernels, groups, 1e3 * sum(times) / STEPS, *idle_gaps(prof.events()))
 
 
-def print_tables(names, results) -> None:
-    labels = sorted({g for _, groups, _, _ in results for g in groups}, key=lambda g: -results[0][1].get(g, 0))
+def print_tables(names, results: list[Profile]) -> None:
+    labels = sorted({g for r in results for g in r.groups}, key=lambda g: -results[0].groups.get(g, 0))
+    row = lambda label, values: print(f"{label:<30}" + "".join(f"{v:>14.1f}" for v in values))  # noqa: E731
     print(f"\nGPU kernel time, ms per step (mean of {STEPS} profiled steps):")
     print(f"{'kind':<30}" + "".join(f"{n:>14}" for n in names))
     for label in labels:
-        print(f"{label:<30}" + "".join(f"{groups.get(label, 0):>14.1f}" for _, groups, _, _ in results))
-    print(f"{'all kernels':<30}" + "".join(f"{sum(groups.values()):>14.1f}" for _, groups, _, _ in results))
-    print(f"{'GPU idle between kernels':<30}" + "".join(f"{idle:>14.1f}" for _, _, _, (idle, _) in results))
-    print(f"{'wall (profiled)':<30}" + "".join(f"{wall:>14.1f}" for _, _, wall, _ in results))
-    for name, (_, _, _, (_, gaps)) in zip(names, results):
+        row(label, [r.groups.get(label, 0) for r in results])
+    row("all kernels", [sum(r.groups.values()) for r in results])
+    row("GPU idle between kernels", [r.idle_ms for r in results])
+    row("wall (profiled)", [r.wall_ms for r in results])
+    for name, r in zip(names, results):
         print(f"\nLongest GPU idle gaps of {name} over {STEPS} steps (ms, kernel before -> kernel after):")
-        for ms, before, after in gaps:
+        for ms, before, after in r.gaps:
             print(f"{ms:>8.2f}  {before[:60]} -> {after[:60]}")
     if len(results) < 2:
         return
-    (a, _, _, _), (b, _, _, _) = results[:2]
+    a, b = results[0].kernels, results[1].kernels
     diffs = sorted(set(a) | set(b), key=lambda k: -abs(a.get(k, 0) - b.get(k, 0)))[:20]
     print(f"\nKernels whose time differs most, ms per step ({names[0]} / {names[1]}):")
     for k in diffs:
