@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from longctx.base import log
@@ -21,6 +22,20 @@ OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 # Python loop over parameters. Only "fused" honours found_inf (train.skips_on_device).
 IMPLEMENTATIONS = {"fused": dict(fused=True, foreach=False), "foreach": dict(fused=False, foreach=True),
                    "for-loop": dict(fused=False, foreach=False)}
+
+
+def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients so their global 2-norm is at most max_norm; returns the norm before.
+
+    Gradients are DTensors sharded over dp_shard x cp (FSDP) and tp: torch's norm of them is a
+    partial norm that full_tensor() reduces over every one of those mesh dims, so it is the
+    one-process norm (not 1/sqrt(cp) of it). No pipeline stages here, so nothing is reduced beyond
+    the mesh (torchtitan's clip_grad_norm_ adds that)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
 
 
 def build_optimizer(model: nn.Module, optimizer_config) -> torch.optim.Optimizer:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torchtitan.distributed.utils import clip_grad_norm_
 
 from longctx.base import IGNORE_INDEX, log
 from longctx.checkpoint.manager import Checkpointer
@@ -29,7 +28,7 @@ from longctx.data.loader import RowSchedule, StepLoader
 from longctx.launch import Job, distributed, run_command, validate
 from longctx.metrics import MetricsLogger
 from longctx.modeling import build_model
-from longctx.optim import build_lr_schedule, build_optimizer
+from longctx.optim import build_lr_schedule, build_optimizer, clip_grad_norm_
 from longctx.parallelisms.parallel_dims import ParallelDims
 from longctx.parallelisms.settings import forward_context, loss_context
 from longctx.profiling import profilers
@@ -138,9 +137,7 @@ def train_step(model, job: Job, microbatches, optimizer, lr_schedule, job_config
         total += loss.detach()
         for name, value in recipe_sums.items():
             metric_sums[name] = metric_sums.get(name, 0) + value.detach()
-    # Gradients are DTensors sharded over dp_shard x cp (FSDP) and tp: the norm reduces over every
-    # one of those mesh dims, so it is the one-process norm (not 1/sqrt(cp) of it).
-    grad_norm = clip_grad_norm_(model.parameters(), job_config.training.max_norm)
+    grad_norm = clip_grad_norm_(list(model.parameters()), job_config.training.max_norm)
     dist.all_reduce(total, group=dp_cp)  # tp ranks already hold the same value
     flags = step_flags(total, grad_norm, stop_requested)
     if checkpointer is not None:

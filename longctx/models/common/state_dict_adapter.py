@@ -7,8 +7,6 @@ applies it both ways and raises on any name the table does not know.
 import re
 from typing import Any
 
-from torchtitan.protocols.state_dict_adapter import StateDictAdapter
-
 from longctx.models.common.args import DecoderArgs
 
 # FQN segments that torch.compile, activation checkpointing and FSDP1 insert.
@@ -49,11 +47,12 @@ def _rename(name: str, rules: list[tuple[re.Pattern, str]], what: str) -> str:
     raise KeyError(f"unexpected {what} parameter {name!r}: no mapping for it (wrong model family or architecture?)")
 
 
-class DecoderStateDictAdapter(StateDictAdapter):
+class DecoderStateDictAdapter:
+    """to_hf / from_hf, the two methods of torchtitan's StateDictAdapter protocol (its HF storage
+    reader is not used: checkpoint/hf.py reads safetensors itself)."""
     hf_to_ours: dict[str, str] = DECODER_HF_TO_OURS
 
-    def __init__(self, model_args: DecoderArgs, hf_assets_path: str | None = None):
-        super().__init__(model_args, hf_assets_path)
+    def __init__(self, model_args: DecoderArgs):
         self.args = model_args
         self._from_hf_rules = _compile_table(self.hf_to_ours)
         self._to_hf_rules = _compile_table({ours: hf for hf, ours in self.hf_to_ours.items()})
