@@ -3,8 +3,9 @@
 gloo's (and NCCL's) threads, left to interpreter teardown while a DeviceMesh still holds its process
 groups, used to abort about one run in four after the output was written ("terminate called without
 an active exception", rank exit -6, torchrun exit 1). launch.run_command now tears the group down in
-step and leaves through os._exit; ten runs of compute_logprobs on two ranks (cp2, then tp2) must give
-ten zeros."""
+step and leaves through os._exit; six runs of compute_logprobs on two ranks (cp2, then tp2) must give
+six zeros. At one abort in four, six runs catch a return of the race 82% of the time; the suite's
+ten or so other multi-rank torchrun runs that check for exit code 0 bring that to about 99%."""
 
 import os
 import subprocess
@@ -17,13 +18,13 @@ from tests.test_recipes import make_rollouts, write_jsonl
 
 
 @pytest.mark.slow
-def test_compute_logprobs_on_two_ranks_exits_zero_ten_times(hf_dir, tmp_path):
+def test_compute_logprobs_on_two_ranks_exits_zero_six_times(hf_dir, tmp_path):
     rollouts = write_jsonl(tmp_path / "rollouts.jsonl", make_rollouts(4, seed=3))
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     codes = []
-    for run in range(10):
-        layout = "--parallelism.context_parallel_degree" if run < 5 else "--parallelism.tensor_parallel_degree"
+    for run in range(6):
+        layout = "--parallelism.context_parallel_degree" if run < 3 else "--parallelism.tensor_parallel_degree"
         out = tmp_path / f"out{run}.jsonl"
         result = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "scripts/compute_logprobs.py",
@@ -32,4 +33,4 @@ def test_compute_logprobs_on_two_ranks_exits_zero_ten_times(hf_dir, tmp_path):
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert out.is_file() and len(out.read_text().splitlines()) == 4, result.stderr[-2000:]
         codes.append((result.returncode, result.stderr[-500:] if result.returncode else ""))
-    assert [code for code, _ in codes] == [0] * 10, codes
+    assert [code for code, _ in codes] == [0] * 6, codes

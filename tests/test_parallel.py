@@ -129,9 +129,12 @@ LAYOUTS = {
         # From a seeded random init: drawn whole and then sharded, it must not depend on the layout.
         "dp2xtp2xcp2 random init": {"dp_shard": 2, "tp": 2, "cp": 2, "random_init": True},
         # The full stack: TP + CP + FSDP with compiled, checkpointed blocks; cp as a sequence shard
-        # (head-tail chunks, all-gathered K/V) instead of Ulysses.
-        "dp2xtp2xcp2(shard)+compile+ac": {"dp_shard": 2, "tp": 2, "cp": 2,
-                                           "flags": COMPILE_FULL_AC + ["--parallelism.context_parallel_ulysses_degree", "1"]},
+        # (head-tail chunks, all-gathered K/V) instead of Ulysses. Compiled by dynamo and AOT
+        # autograd (the aot_eager backend: the graphs, DTensor tracing, the checkpoint partitioner)
+        # without inductor's C++ kernels, which eight ranks would each build on CI's 2 cores (50 s
+        # from a cold cache); inductor runs under tp2 x cp2 above and on one rank (test_settings.py).
+        "dp2xtp2xcp2(shard)+compile+ac": {"dp_shard": 2, "tp": 2, "cp": 2, "flags": COMPILE_FULL_AC + [
+            "--compile.backend", "aot_eager", "--parallelism.context_parallel_ulysses_degree", "1"]},
     },
 }
 
