@@ -54,7 +54,7 @@ ARMS = {"a": "(a) stage 1 as is", "b": "(b) plain RoPE", "c": "(c) YaRN x4"}
 # (~1e-5 nats); a trial may flip only where two logits tie to within that.
 LOSS_TOLERANCE, TRIAL_TOLERANCE = 1e-3, 0.01
 
-# Sizes: the GPU run (about 6 minutes on one H100, see the stage caps), the CPU run and the smoke test.
+# Sizes: the GPU run (about 8 minutes on one H100, see the stage caps), the CPU run and the smoke test.
 # "stage2" overrides both arms' configs, "arm_c" arm (c)'s alone.
 GPU = {
     # Retrieval documents weighted up from make_retrieval_data.py's default (0.2 0.4 0.4), and the
