@@ -122,25 +122,26 @@ def test_commands_import_the_package_not_each_other(folder):
     assert not broken, "\n".join(broken)
 
 
-def test_the_data_pipeline_loads_without_models_or_torchtitan():
-    """Importing the CPU data side (for IGNORE_INDEX, a loader, a stream) pulls in no model code,
-    no parallelism and no torchtitan: checked in a fresh interpreter."""
+def loaded_by(modules: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """The modules whose names start with one of prefixes that importing modules loads, in a fresh
+    interpreter (this one has imported everything already)."""
     import subprocess
     import sys
 
-    code = ("import sys, longctx.data.loader, longctx.data.packing, longctx.data.token_shards, longctx.data.chat, longctx.base; "
-            "print(sorted(m for m in sys.modules if m.startswith(('longctx.models', 'longctx.parallelisms', 'torchtitan'))))")
+    code = f"import sys, {', '.join(modules)}; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert out.strip() == "[]", out
+    return ast.literal_eval(out)
+
+
+def test_the_data_pipeline_loads_without_models_or_torchtitan():
+    """Importing the CPU data side (for IGNORE_INDEX, a loader, a stream) pulls in no model code,
+    no parallelism and no torchtitan."""
+    data_side = ["longctx.data.loader", "longctx.data.packing", "longctx.data.token_shards", "longctx.data.chat", "longctx.base"]
+    assert loaded_by(data_side, ("longctx.models", "longctx.parallelisms", "torchtitan")) == []
 
 
 def test_training_runs_without_torchtitan_or_triton():
-    """train.py, the models, their HF adapters and the scripts' command path import neither
-    torchtitan (the benchmarks' comparison only) nor triton: 1.4 s less per rank at start-up."""
-    import subprocess
-    import sys
-
-    code = ("import sys, longctx.train, longctx.modeling, longctx.checkpoint.hf, longctx.models.qwen2, longctx.models.qwen3; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchtitan', 'triton')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert out.strip() == "[]", out
+    """train.py, the models and their HF adapters import neither torchtitan (the benchmarks'
+    comparison only) nor triton: 1.4 s less per rank at start-up."""
+    training = ["longctx.train", "longctx.modeling", "longctx.checkpoint.hf", "longctx.models.qwen2", "longctx.models.qwen3"]
+    assert loaded_by(training, ("torchtitan", "triton")) == []
